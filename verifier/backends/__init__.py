@@ -1,0 +1,1 @@
+"""Model backends implementing the probe contract of `verifier.probe`."""

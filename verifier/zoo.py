@@ -1,0 +1,73 @@
+"""Small CNNs trained on the CPU in seconds, for the demo, tests and benchmarks.
+
+`SmallCNN(head="gap")` ends in global average pooling + linear, `head="fc"` in
+flatten + fully-connected; `train_classifier` fits either on uint8 images.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .spec import ModelSpec
+
+__all__ = ["SmallCNN", "train_classifier", "mnist_spec", "preprocess_uint8"]
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks on (N, C, 28, 28); early layer `features.0`, Grad-CAM layer `features.7`."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, head: str = "gap",
+                 width: int = 16, input_size: int = 28) -> None:
+        super().__init__()
+        if head not in ("gap", "fc"):
+            raise ValueError("head must be 'gap' or 'fc'")
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
+        )
+        side = input_size // 4
+        if head == "gap":
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes))
+        else:
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * side * side, 64), nn.ReLU(),
+                                      nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def mnist_spec(module: nn.Module | None = None, classes: int = 10) -> ModelSpec:
+    """The spec the small MNIST models use: 28x28 gray, mean 0.1307, std 0.3081."""
+    return ModelSpec(classes=tuple(str(i) for i in range(classes)), size=(28, 28), channels=1,
+                     mean=(0.1307,), std=(0.3081,), module=module if module is not None else nn.Identity())
+
+
+def preprocess_uint8(images: np.ndarray, mean: float = 0.1307, std: float = 0.3081) -> torch.Tensor:
+    """uint8 (N, H, W) -> float32 (N, 1, H, W) scaled to [0, 1] then standardised."""
+    x = torch.tensor(np.asarray(images), dtype=torch.float32).div_(255.0)
+    return ((x - mean) / std).unsqueeze(1)
+
+
+def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, epochs: int = 4,
+                     seed: int = 0, batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
+    """Train `model` on uint8 (N, H, W) images with Adam; returns it in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x = preprocess_uint8(images)
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+    return model.eval()
