@@ -59,7 +59,7 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, e
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x = preprocess_uint8(images)
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    y = torch.tensor(np.asarray(labels), dtype=torch.long)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
