@@ -1,0 +1,700 @@
+"""Input side of the gatekeeper: decode files and arrays, preprocess per spec, stream datasets.
+
+Every failure of one input becomes an `InputError` (or a `LoadedImage` with `error` set
+when going through `load_images` / `iter_batches`); the other inputs of the call go on.
+
+Decoding (`decode_image`) gives float32 `(H, W)` gray or `(H, W, 3)` RGB in [0, 1]:
+
+- PNG / JPEG / BMP / TIFF via Pillow (only these formats are tried, so a renamed EPS
+  never reaches Ghostscript). 8-bit and 16-bit gray (`I;16`, `I;16B`, and `I` whose
+  values fit 16 bits) scale by 255 / 65535; bilevel `1` is 0/1; palette `P` is
+  expanded through its palette; RGBA / LA are **composited onto black** (a
+  transparent pixel is "no signal", the background of a radiograph); CMYK / YCbCr
+  convert to RGB; 32-bit float `F` must already lie in [0, 1]. 16-bit RGB PNGs are
+  reduced to 8 bits by Pillow. EXIF orientation is applied. Multi-page files are refused.
+- DICOM via pydicom (sniffed by `DICM` at byte 128, or a `.dcm` / `.dicom` suffix):
+  the Modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence), then the
+  first VOI LUT or window (Window Center/Width) when present, mapped to [0, 1] over
+  the window's output range, else a min-max stretch; MONOCHROME1 is inverted so
+  bright = dense everywhere. RGB, YBR_FULL(_422) (pydicom converts to RGB) and
+  PALETTE COLOR with its LUT are accepted; other photometry, multi-frame data (which
+  frame a gate should judge is not ours to guess), and a compressed transfer syntax
+  whose decoder plugin is missing are refused with the reason.
+- `.npy` files (loaded with `allow_pickle=False`) hold raw pixels, read like
+  `pixels_from_array`.
+
+Guards, all `InputError`: more than `max_pixels` pixels (default `MAX_PIXELS`, checked
+from the header before any pixel is decoded), a file over `MAX_FILE_BYTES`, zero size,
+empty / truncated / corrupt files, NaN or inf, and an aspect ratio beyond `MAX_ASPECT`.
+
+Preprocessing (`preprocess`): resize to `spec.size` with Pillow's BILINEAR filter
+(a triangle kernel widened by the reduction factor, so downsampling is antialiased:
+every source pixel contributes), done as two matrix products per batch of equal-sized
+images; gray -> RGB by replication, RGB -> gray by ITU-R BT.601 luma
+(0.299 R + 0.587 G + 0.114 B); then `(x - mean) / std` per channel.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .spec import ModelSpec
+
+__all__ = [
+    "IMAGE_SUFFIXES", "MAX_ASPECT", "MAX_FILE_BYTES", "MAX_PIXELS",
+    "DatasetError", "InputError", "LoadedImage",
+    "decode_image", "iter_batches", "labelled_dataset", "load_images",
+    "pixels_from_array", "preprocess", "save_dataset",
+]
+
+#: file suffixes (lower case) that folder expansion and dataset listing pick up;
+#: suffix-less files in a folder are picked up too when they carry the DICOM magic
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".npy"})
+#: default decompression-bomb limit (pixels per image, read from the header)
+MAX_PIXELS: int = 64_000_000
+#: longest side / shortest side beyond which an input is refused as absurd
+MAX_ASPECT: float = 32.0
+#: files larger than this are refused before being read
+MAX_FILE_BYTES: int = 1 << 30
+
+_PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+_NPY_MAGIC = b"\x93NUMPY"
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class InputError(ValueError):
+    """One input could not be used; the message names the input and the cause."""
+
+
+class DatasetError(ValueError):
+    """A labelled data folder or CSV manifest is malformed; the message says where."""
+
+
+@dataclass
+class LoadedImage:
+    """One input after loading: preprocessed pixels, or the reason it failed.
+
+    `pixels` is float32 `(C, H, W)` for the spec (None on error); `digest` is
+    `"sha256:<hex>"` of the file's bytes, or of the raw array bytes for array inputs
+    (None when the file could not be read at all).
+    """
+
+    source: str
+    pixels: np.ndarray | None
+    digest: str | None
+    error: str | None
+    label: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def decode_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one file to float32 `(H, W)` gray or `(H, W, 3)` RGB in [0, 1].
+
+    Raises `InputError` naming the file and the cause (see the module docstring for
+    formats and guards).
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    return _decode_bytes(data, path, max_pixels)
+
+
+def pixels_from_array(a: np.ndarray, *, max_pixels: int = MAX_PIXELS,
+                      name: str = "array") -> np.ndarray:
+    """Raw pixels `(H, W)` / `(H, W, 1|2|3|4)` -> float32 `(H, W)` or `(H, W, 3)` in [0, 1].
+
+    uint8 / 255, uint16 / 65535, bool as 0/1, float must already lie in [0, 1].
+    2 and 4 channels are gray+alpha / RGBA, composited onto black. Other dtypes,
+    NaN/inf, out-of-range floats and bad shapes raise `InputError`.
+    """
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (2, 3, 4)):
+        raise InputError(f"{name}: expected pixels (H, W) or (H, W, 1|2|3|4), got shape {a.shape}")
+    _check_geometry(a.shape[0], a.shape[1], max_pixels, name)
+    if a.dtype == np.bool_:
+        x = a.astype(np.float32)
+    elif a.dtype == np.uint8:
+        x = a.astype(np.float32) / np.float32(255.0)
+    elif a.dtype == np.uint16:
+        x = a.astype(np.float32) / np.float32(65535.0)
+    elif np.issubdtype(a.dtype, np.floating):
+        x = a.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise InputError(f"{name}: pixels contain NaN or infinity")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InputError(f"{name}: float pixels must lie in [0, 1], got range "
+                             f"[{lo:.4g}, {hi:.4g}] (scale them first)")
+    else:
+        raise InputError(f"{name}: unsupported pixel dtype {a.dtype} "
+                         "(give uint8, uint16, bool, or float in [0, 1])")
+    if x.ndim == 3:
+        if x.shape[-1] == 2:
+            x = x[..., 0] * x[..., 1]
+        elif x.shape[-1] == 4:
+            x = x[..., :3] * x[..., 3:4]
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def preprocess(images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
+    """Decoded images `(H, W)` / `(H, W, 1|3)` float in [0, 1] -> float32 `(N, C, H, W)`.
+
+    Resized to `spec.size` (Pillow-BILINEAR, antialiased when shrinking), converted
+    to `spec.channels` (replicate gray, or BT.601 luma), then `(x - mean) / std`.
+    Images of equal shape are resized together in one pair of matrix products.
+    """
+    h, w = spec.size
+    c = spec.channels
+    out = np.empty((len(images), c, h, w), dtype=np.float32)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    chw = [_to_channels(np.asarray(img, dtype=np.float32), c, i) for i, img in enumerate(images)]
+    for i, x in enumerate(chw):
+        groups.setdefault(x.shape, []).append(i)
+    for shape, idx in groups.items():
+        batch = np.stack([chw[i] for i in idx])
+        rh = _bilinear_matrix(shape[1], h)
+        rw = _bilinear_matrix(shape[2], w)
+        # two matmuls in the cheaper order; einsum picks it with optimize=True
+        out[idx] = np.einsum("oh,nchw,pw->ncop", rh, batch, rw, optimize=True)
+    mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
+    out -= mean
+    out /= std
+    return out
+
+
+def load_images(inputs: Sequence[str | Path | np.ndarray] | np.ndarray, spec: ModelSpec, *,
+                workers: int = 2, labels: Sequence[int | None] | None = None,
+                max_pixels: int = MAX_PIXELS) -> list[LoadedImage]:
+    """Decode and preprocess inputs; one `LoadedImage` per image, in order.
+
+    `inputs` is a sequence of files and folders (folders expand recursively to
+    image files, sorted) - an element may also be one raw pixel array - or one
+    array `(N, H, W)` / `(N, H, W, C)` of raw pixels (sources `"array[i]"`).
+    `labels`, when given, align with `inputs` (a folder's files share its label).
+    A failing input is a record with `error` set; the rest goes on. Decoding runs
+    on a pool of `workers` threads (Pillow, pydicom and numpy release the GIL in
+    their heavy parts).
+    """
+    items = list(_expand(inputs, labels))
+    if workers <= 1 or len(items) <= 1:
+        return [_load_one(it, spec, max_pixels) for it in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda it: _load_one(it, spec, max_pixels), items))
+
+
+def iter_batches(inputs: Sequence[str | Path | np.ndarray] | np.ndarray, spec: ModelSpec,
+                 batch_size: int = 64, *, workers: int = 2,
+                 labels: Sequence[int | None] | None = None,
+                 max_pixels: int = MAX_PIXELS,
+                 ) -> Iterator[tuple[list[LoadedImage], np.ndarray]]:
+    """Stream inputs in chunks: yields (records of the chunk, float32 `(n_ok, C, H, W)`).
+
+    The array stacks the ok records' pixels in record order. Folders are walked
+    lazily and at most two chunks are in memory (the next one decodes while the
+    caller works on the current), so a 100k-file folder streams in constant memory.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    items = _expand(inputs, labels)
+    c, (h, w) = spec.channels, spec.size
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        def submit() -> list[Future[LoadedImage]]:
+            chunk = []
+            for it in items:
+                chunk.append(pool.submit(_load_one, it, spec, max_pixels))
+                if len(chunk) == batch_size:
+                    break
+            return chunk
+
+        pending = submit()
+        while pending:
+            following = submit()  # decode ahead while the caller uses this chunk
+            records = [f.result() for f in pending]
+            ok = [r.pixels for r in records if r.pixels is not None]
+            batch = np.stack(ok) if ok else np.empty((0, c, h, w), dtype=np.float32)
+            yield records, batch
+            pending = following
+
+
+def labelled_dataset(source: str | Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
+    """List a labelled data set as (path, class index) pairs, sorted within each class.
+
+    `source` is a folder `DIR/<class name>/<images>` (images found recursively; every
+    class folder must name one of `classes`) or a CSV manifest with header
+    `path,label` (paths relative to the CSV; label a class name or an index).
+    Files are not opened here: an unreadable one fails later, as its own record.
+    Raises `DatasetError` for an unknown class, a missing source, or no images.
+    """
+    source = Path(source)
+    classes = [str(c) for c in classes]
+    if not source.exists():
+        raise DatasetError(f"data source not found: {source}")
+    if source.is_file():
+        return _dataset_from_csv(source, classes)
+    return _dataset_from_folder(source, classes)
+
+
+def save_dataset(images: np.ndarray, labels: Sequence[int] | np.ndarray,
+                 classes: Sequence[str], folder: str | Path) -> list[Path]:
+    """Write images as `folder/<class>/<i>.png` (i zero-padded, so names sort in order).
+
+    `images` is uint8 or uint16 `(N, H, W)` (or `(N, H, W, 3)` uint8); labels index
+    `classes`. Returns the written paths in input order.
+    """
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.ndim not in (3, 4) or images.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"images must be uint8/uint16 (N, H, W[, 3]), got {images.dtype} {images.shape}")
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    from PIL import Image
+
+    folder = Path(folder)
+    width = max(5, len(str(max(len(images) - 1, 0))))
+    paths = []
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        if not 0 <= int(lab) < len(classes):
+            raise ValueError(f"label {int(lab)} of image {i} is not a class index (0..{len(classes) - 1})")
+        d = folder / str(classes[int(lab)])
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"{i:0{width}d}.png"
+        Image.fromarray(np.ascontiguousarray(img)).save(p)
+        paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------- loading helpers
+
+# one unit of work: (source name, path or array, label)
+_Item = tuple[str, "Path | np.ndarray | None", "int | None", "str | None"]
+
+
+def _expand(inputs: Any, labels: Sequence[int | None] | None) -> Iterator[_Item]:
+    """Yield (source, path-or-array, label, error) lazily; folders walked in sorted order."""
+    if isinstance(inputs, np.ndarray):
+        if inputs.ndim not in (3, 4):
+            raise InputError(f"an input array must be (N, H, W) or (N, H, W, C), got shape {inputs.shape}")
+        if labels is not None and len(labels) != len(inputs):
+            raise ValueError(f"{len(inputs)} images but {len(labels)} labels")
+        for i in range(len(inputs)):
+            yield f"array[{i}]", inputs[i], None if labels is None else labels[i], None
+        return
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]  # one path given bare; never iterate a string's characters
+    inputs = list(inputs)
+    if labels is not None and len(labels) != len(inputs):
+        raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+    for i, inp in enumerate(inputs):
+        label = None if labels is None else labels[i]
+        if isinstance(inp, np.ndarray):
+            yield f"array[{i}]", inp, label, None
+            continue
+        path = Path(inp)
+        if path.is_dir():
+            found = False
+            for f in _walk_images(path):
+                found = True
+                yield str(f), f, label, None
+            if not found:
+                yield str(path), None, label, f"{path}: folder holds no image files ({_suffix_list()})"
+        else:
+            yield str(inp), path, label, None
+
+
+def _walk_images(folder: Path) -> Iterator[Path]:
+    """Image files under `folder`, recursively, sorted; hidden entries skipped."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            p = Path(root) / name
+            suffix = p.suffix.lower()
+            if suffix in IMAGE_SUFFIXES or (suffix == "" and _has_dicom_magic(p)):
+                yield p
+
+
+def _load_one(item: _Item, spec: ModelSpec, max_pixels: int) -> LoadedImage:
+    source, obj, label, error = item
+    if error is not None:
+        return LoadedImage(source, None, None, error, label)
+    digest = None
+    try:
+        if isinstance(obj, np.ndarray):
+            digest = "sha256:" + hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()
+            img = pixels_from_array(obj, max_pixels=max_pixels, name=source)
+        else:
+            assert obj is not None
+            data = _read_bytes(obj, source)
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            img = _decode_bytes(data, obj, max_pixels, source)
+        pixels = preprocess([img], spec)[0]
+    except InputError as e:
+        return LoadedImage(source, None, digest, str(e), label)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this input's error, not the batch's
+        return LoadedImage(source, None, digest, f"{source}: {type(e).__name__}: {e}", label)
+    return LoadedImage(source, pixels, digest, None, label)
+
+
+def _read_bytes(path: Path, name: str | None = None) -> bytes:
+    name = name or str(path)
+    try:
+        size = path.stat().st_size
+        if path.is_dir():
+            raise InputError(f"{name}: is a folder, not an image file")
+        if size > MAX_FILE_BYTES:
+            raise InputError(f"{name}: file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{name}: file not found") from None
+    except PermissionError:
+        raise InputError(f"{name}: permission denied") from None
+    except IsADirectoryError:
+        raise InputError(f"{name}: is a folder, not an image file") from None
+    except OSError as e:
+        raise InputError(f"{name}: cannot read file ({e.strerror or e})") from None
+    if not data:
+        raise InputError(f"{name}: file is empty (0 bytes)")
+    return data
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _suffix_list() -> str:
+    return ", ".join(sorted(IMAGE_SUFFIXES))
+
+
+# ---------------------------------------------------------------- decoders
+
+def _decode_bytes(data: bytes, path: Path, max_pixels: int, name: str | None = None) -> np.ndarray:
+    name = name or str(path)
+    suffix = path.suffix.lower()
+    if data[:6] == _NPY_MAGIC:
+        return _decode_npy(data, name, max_pixels)
+    if data[128:132] == b"DICM" or suffix in _DICOM_SUFFIXES:
+        return _decode_dicom(data, name, max_pixels)
+    if suffix == ".npy":
+        raise InputError(f"{name}: not a NumPy .npy file (bad magic bytes)")
+    return _decode_pillow(data, name, max_pixels)
+
+
+def _decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    try:
+        a = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:  # object arrays need pickle, which is refused
+        raise InputError(f"{name}: unreadable .npy file ({e})") from None
+    except (OSError, EOFError) as e:
+        raise InputError(f"{name}: truncated or corrupt .npy file ({e})") from None
+    if not isinstance(a, np.ndarray):
+        raise InputError(f"{name}: .npy file holds no array")
+    return pixels_from_array(a, max_pixels=max_pixels, name=name)
+
+
+def _decode_pillow(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        # Pillow's own bomb check (a warning above Image.MAX_IMAGE_PIXELS, an error at
+        # twice that) runs first; ours below refuses from the header, before decoding.
+        # warnings.catch_warnings is not thread-safe, so Pillow's warning is left alone.
+        im = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not a recognised image (PNG, JPEG, BMP, TIFF, DICOM or .npy)") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{name}: image too large ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{name}: corrupt image header ({e})") from None
+    with im:
+        w, h = im.size
+        _check_geometry(h, w, max_pixels, name)
+        if getattr(im, "n_frames", 1) > 1:
+            raise InputError(f"{name}: multi-page image ({im.n_frames} frames); give one image per file")
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _pil_to_float(im, name)
+        except InputError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise InputError(f"{name}: truncated or corrupt image data ({e})") from None
+
+
+def _pil_to_float(im: Any, name: str) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(im).astype(np.float32) / np.float32(65535.0)
+    if mode == "I":
+        a = np.asarray(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise InputError(f"{name}: 32-bit integer pixels outside the 16-bit range "
+                             f"[{a.min()}, {a.max()}]")
+        return a.astype(np.float32) / np.float32(65535.0)
+    if mode == "F":
+        return pixels_from_array(np.asarray(im), name=name)
+    if mode == "1":
+        return np.asarray(im).astype(np.float32)
+    if mode == "L":
+        return np.asarray(im).astype(np.float32) / np.float32(255.0)
+    if mode == "RGB":
+        return np.asarray(im).astype(np.float32) / np.float32(255.0)
+    if mode == "LA":
+        return pixels_from_array(np.asarray(im), name=name)
+    if mode in ("P", "PA", "RGBA", "RGBa", "La") or "A" in im.getbands():
+        return pixels_from_array(np.asarray(im.convert("RGBA")), name=name)
+    try:  # CMYK, YCbCr, LAB, HSV ...
+        return np.asarray(im.convert("RGB")).astype(np.float32) / np.float32(255.0)
+    except (ValueError, OSError) as e:
+        raise InputError(f"{name}: unsupported image mode {mode!r} ({e})") from None
+
+
+def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{name}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise InputError(f"{name}: DICOM file has no pixel data (or is not DICOM)")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometry = str(ds.PhotometricInterpretation).strip().upper()
+    except (AttributeError, TypeError, ValueError) as e:
+        raise InputError(f"{name}: DICOM image attributes missing or invalid ({e})") from None
+    _check_geometry(rows, cols, max_pixels, name)
+    if frames > 1:
+        raise InputError(f"{name}: multi-frame DICOM ({frames} frames) is not supported; "
+                         "export the frame to be judged as its own file")
+    if photometry not in ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422",
+                          "PALETTE COLOR"):
+        raise InputError(f"{name}: unsupported DICOM photometric interpretation {photometry!r} "
+                         "(supported: MONOCHROME1/2, RGB, YBR_FULL(_422), PALETTE COLOR)")
+    if photometry == "PALETTE COLOR" and "RedPaletteColorLookupTableDescriptor" not in ds:
+        raise InputError(f"{name}: PALETTE COLOR DICOM without its colour lookup table")
+    missing = _require_decoder(ds, name)
+    try:
+        arr = ds.pixel_array  # pydicom converts YBR_FULL(_422) to RGB here
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for bad pixel data
+        msg = " ".join(str(e).split())
+        hint = f"; plugins not installed: {'; '.join(missing)}" if missing else ""
+        raise InputError(f"{name}: cannot decode DICOM pixel data ({msg}){hint}") from None
+    if arr.shape[:2] != (rows, cols):
+        raise InputError(f"{name}: decoded DICOM pixels have shape {arr.shape}, expected ({rows}, {cols})")
+    try:
+        if photometry in ("MONOCHROME1", "MONOCHROME2"):
+            out = _dicom_gray(arr, ds)
+            if photometry == "MONOCHROME1":
+                out = 1.0 - out  # MONOCHROME1: low values are bright
+        elif photometry == "PALETTE COLOR":
+            from pydicom.pixels import apply_color_lut
+
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+            out = apply_color_lut(arr, ds).astype(np.float64) / (2.0 ** bits - 1.0)
+        else:
+            out = arr.astype(np.float64) / (2.0 ** int(ds.BitsStored) - 1.0)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed LUT/window attributes
+        raise InputError(f"{name}: cannot apply DICOM value transforms ({type(e).__name__}: {e})") from None
+    if not np.isfinite(out).all():
+        raise InputError(f"{name}: DICOM pixels contain NaN or infinity")
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+
+
+def _require_decoder(ds: Any, name: str) -> list[str]:
+    """Refuse a compressed transfer syntax no installed plugin can decode, naming the plugins.
+
+    Returns the plugins that are missing though another one is available (a hint
+    for when the available one then fails, e.g. Pillow on 12-bit JPEG).
+    """
+    try:
+        from pydicom.pixels.decoders.base import get_decoder
+
+        tsyntax = ds.file_meta.TransferSyntaxUID
+    except AttributeError:
+        return []  # no file meta: pydicom assumes a native syntax, and fails clearly if not
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise InputError(f"{name}: DICOM transfer syntax {tsyntax.name} ({tsyntax}) "
+                         "has no pixel data decoder in pydicom") from None
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
+        raise InputError(f"{name}: no decoder plugin installed for DICOM transfer syntax "
+                         f"{tsyntax.name} ({tsyntax}); install one of: {needs}")
+    return list(decoder.missing_dependencies)
+
+
+def _dicom_gray(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """Modality LUT, then the first VOI LUT / window mapped to [0, 1], else min-max."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    x = apply_modality_lut(arr, ds).astype(np.float64)
+    if ds.get("VOILUTSequence"):
+        lut = ds.VOILUTSequence[0]
+        bits = int(lut.LUTDescriptor[2])
+        return apply_voi_lut(x, ds, index=0, prefer_lut=True).astype(np.float64) / (2.0 ** bits - 1.0)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        y_min, y_max = _window_output_range(ds)
+        y = apply_voi_lut(x, ds, index=0, prefer_lut=False).astype(np.float64)
+        return (y - y_min) / (y_max - y_min)
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        return np.zeros_like(x)  # a constant slice carries no contrast to stretch
+    return (x - lo) / (hi - lo)
+
+
+def _window_output_range(ds: Any) -> tuple[float, float]:
+    """The range pydicom's windowing maps onto (PS3.3 C.11.2.1.2), to undo it into [0, 1]."""
+    if ds.get("ModalityLUTSequence"):
+        y_min, y_max = 0.0, 2.0 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1.0
+    elif int(ds.PixelRepresentation) == 0:
+        y_min, y_max = 0.0, 2.0 ** int(ds.BitsStored) - 1.0
+    else:
+        y_min, y_max = -(2.0 ** (int(ds.BitsStored) - 1)), 2.0 ** (int(ds.BitsStored) - 1) - 1.0
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None and not ds.get("ModalityLUTSequence"):
+        y_min, y_max = y_min * float(slope) + float(intercept), y_max * float(slope) + float(intercept)
+    return y_min, y_max
+
+
+def _check_geometry(h: int, w: int, max_pixels: int, name: str) -> None:
+    if h <= 0 or w <= 0:
+        raise InputError(f"{name}: image has zero size ({h} x {w})")
+    if h * w > max_pixels:
+        raise InputError(f"{name}: image is {h} x {w} = {h * w} pixels, over the "
+                         f"{max_pixels}-pixel limit (decompression-bomb guard)")
+    if max(h, w) / min(h, w) > MAX_ASPECT:
+        raise InputError(f"{name}: absurd aspect ratio {h} x {w} (more than {MAX_ASPECT:g}:1)")
+
+
+# ---------------------------------------------------------------- preprocessing helpers
+
+def _to_channels(x: np.ndarray, c: int, i: int) -> np.ndarray:
+    """(H, W) / (H, W, 1|3) -> (c, H, W) float32, converting before resizing (both are linear)."""
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim == 2:
+        g = x[None]
+        return np.repeat(g, 3, axis=0) if c == 3 else g
+    if x.ndim == 3 and x.shape[-1] == 3:
+        if c == 1:
+            return np.tensordot(x, _LUMA, axes=([2], [0]))[None].astype(np.float32)
+        return np.ascontiguousarray(np.moveaxis(x, -1, 0))
+    raise ValueError(f"image {i}: expected (H, W) or (H, W, 1|3), got shape {x.shape}")
+
+
+@lru_cache(maxsize=64)
+def _bilinear_matrix(src: int, dst: int) -> np.ndarray:
+    """(dst, src) weights of Pillow's BILINEAR resample (Resample.c precompute_coeffs).
+
+    A triangle kernel of support max(src/dst, 1): plain bilinear when enlarging,
+    antialiased (every source pixel weighs in) when shrinking; rows sum to 1.
+    """
+    scale = src / dst
+    fscale = max(scale, 1.0)
+    support = fscale
+    m = np.zeros((dst, src), dtype=np.float64)
+    for o in range(dst):
+        center = (o + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), src)
+        xs = np.arange(lo, hi)
+        wts = np.maximum(0.0, 1.0 - np.abs((xs - center + 0.5) / fscale))
+        total = wts.sum()
+        if total > 0:
+            m[o, lo:hi] = wts / total
+    m.setflags(write=False)
+    return m.astype(np.float32)
+
+
+# ---------------------------------------------------------------- dataset helpers
+
+def _dataset_from_folder(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    index = {c: i for i, c in enumerate(classes)}
+    out: list[tuple[Path, int]] = []
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [d.name for d in subdirs if d.name not in index]
+    if unknown:
+        raise DatasetError(f"{root}: folder(s) {unknown} are not classes of the model "
+                           f"(known classes: {classes})")
+    loose = [p.name for p in root.iterdir()
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        raise DatasetError(f"{root}: image files must sit in a class folder "
+                           f"DIR/<class>/, found {sorted(loose)[:5]} at the top level")
+    for d in sorted(subdirs, key=lambda p: index[p.name]):
+        out.extend((p, index[d.name]) for p in _walk_images(d))
+    if not out:
+        raise DatasetError(f"{root}: no image files found in class folders "
+                           f"(expected DIR/<class>/<images> with classes {classes}; "
+                           f"image suffixes: {_suffix_list()})")
+    return out
+
+
+def _dataset_from_csv(manifest: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    index = {c: i for i, c in enumerate(classes)}
+    out: list[tuple[Path, int]] = []
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [h.strip() for h in reader.fieldnames or []]
+            if fields[:2] != ["path", "label"] and set(fields) != {"path", "label"}:
+                raise DatasetError(f"{manifest}: a manifest needs the header 'path,label', got {fields}")
+            reader.fieldnames = fields
+            for lineno, row in enumerate(reader, start=2):
+                out.append((_manifest_path(manifest, row, lineno),
+                            _manifest_label(manifest, row, lineno, index, classes)))
+    except UnicodeDecodeError:
+        raise DatasetError(f"{manifest}: not a UTF-8 CSV manifest (expected a folder or a "
+                           "CSV with header 'path,label')") from None
+    if not out:
+        raise DatasetError(f"{manifest}: manifest lists no images")
+    return out
+
+
+def _manifest_path(manifest: Path, row: dict[str, Any], lineno: int) -> Path:
+    raw = (row.get("path") or "").strip()
+    if not raw:
+        raise DatasetError(f"{manifest}:{lineno}: empty path")
+    p = Path(raw)
+    return p if p.is_absolute() else manifest.parent / p
+
+
+def _manifest_label(manifest: Path, row: dict[str, Any], lineno: int,
+                    index: dict[str, int], classes: list[str]) -> int:
+    raw = (row.get("label") or "").strip()
+    if raw in index:
+        return index[raw]
+    if raw.lstrip("-").isdigit():
+        k = int(raw)
+        if 0 <= k < len(classes):
+            return k
+        raise DatasetError(f"{manifest}:{lineno}: label index {k} out of range 0..{len(classes) - 1}")
+    raise DatasetError(f"{manifest}:{lineno}: unknown label {raw!r} (known classes: {classes})")
