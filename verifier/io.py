@@ -170,7 +170,8 @@ def preprocess(images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
         batch = np.stack([chw[i] for i in idx])
         rh = _bilinear_matrix(shape[1], h)
         rw = _bilinear_matrix(shape[2], w)
-        # two matmuls in the cheaper order; einsum picks it with optimize=True
+        # einsum(optimize) picks the cheaper order of the two matmuls; gray images
+        # are resized once and broadcast to 3 channels on assignment
         out[idx] = np.einsum("oh,nchw,pw->ncop", rh, batch, rw, optimize=True)
     mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
@@ -223,14 +224,21 @@ def iter_batches(inputs: Sequence[str | Path | np.ndarray] | np.ndarray, spec: M
                     break
             return chunk
 
-        pending = submit()
-        while pending:
-            following = submit()  # decode ahead while the caller uses this chunk
-            records = [f.result() for f in pending]
-            ok = [r.pixels for r in records if r.pixels is not None]
-            batch = np.stack(ok) if ok else np.empty((0, c, h, w), dtype=np.float32)
-            yield records, batch
-            pending = following
+        pending: list[Future[LoadedImage]] = []
+        following: list[Future[LoadedImage]] = []
+        try:
+            pending = submit()
+            while pending:
+                following = submit()  # decode ahead while the caller uses this chunk
+                records = [f.result() for f in pending]
+                ok = [r.pixels for r in records if r.pixels is not None]
+                batch = np.stack(ok) if ok else np.empty((0, c, h, w), dtype=np.float32)
+                yield records, batch
+                pending, following = following, []
+        finally:
+            # a consumer that stops early should not wait for a chunk it will never see
+            for f in pending + following:
+                f.cancel()
 
 
 def labelled_dataset(source: str | Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
@@ -319,13 +327,22 @@ def _expand(inputs: Any, labels: Sequence[int | None] | None) -> Iterator[_Item]
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:
-    """Image files under `folder`, recursively, sorted; hidden entries skipped."""
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            p = Path(root) / name
+    """Image files under `folder`, recursively, in sorted path order; hidden entries skipped.
+
+    Lazy (one directory listing at a time). Symlinked folders are not followed, so a
+    link loop cannot recurse forever.
+    """
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        p = Path(e.path)
+        if e.is_dir(follow_symlinks=False):
+            yield from _walk_images(p)
+        elif e.is_file():
             suffix = p.suffix.lower()
             if suffix in IMAGE_SUFFIXES or (suffix == "" and _has_dicom_magic(p)):
                 yield p
@@ -423,7 +440,8 @@ def _decode_pillow(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         # warnings.catch_warnings is not thread-safe, so Pillow's warning is left alone.
         im = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
     except UnidentifiedImageError:
-        raise InputError(f"{name}: not a recognised image (PNG, JPEG, BMP, TIFF, DICOM or .npy)") from None
+        raise InputError(f"{name}: not a recognised image (PNG, JPEG, BMP, TIFF, DICOM "
+                         "or .npy), or its header is corrupt") from None
     except Image.DecompressionBombError as e:
         raise InputError(f"{name}: image too large ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -597,12 +615,15 @@ def _check_geometry(h: int, w: int, max_pixels: int, name: str) -> None:
 # ---------------------------------------------------------------- preprocessing helpers
 
 def _to_channels(x: np.ndarray, c: int, i: int) -> np.ndarray:
-    """(H, W) / (H, W, 1|3) -> (c, H, W) float32, converting before resizing (both are linear)."""
+    """(H, W) / (H, W, 1|3) -> (1 or c, H, W) float32, before resizing (both steps are linear).
+
+    RGB -> gray happens here (resizing 1 channel, not 3); gray stays one channel and
+    is replicated after resizing, for the same reason.
+    """
     if x.ndim == 3 and x.shape[-1] == 1:
         x = x[..., 0]
     if x.ndim == 2:
-        g = x[None]
-        return np.repeat(g, 3, axis=0) if c == 3 else g
+        return x[None]
     if x.ndim == 3 and x.shape[-1] == 3:
         if c == 1:
             return np.tensordot(x, _LUMA, axes=([2], [0]))[None].astype(np.float32)
