@@ -371,6 +371,20 @@ def test_iter_batches_streams_in_order(tmp_path, digits):
     assert len(first) == 8
 
 
+def test_iter_batches_decodes_at_most_two_chunks_ahead(tmp_path, digits, monkeypatch):
+    import verifier.io as vio
+
+    x, y = digits
+    save_dataset(x, y, CLASSES, tmp_path / "data")
+    calls = []
+    real = vio._load_one
+    monkeypatch.setattr(vio, "_load_one", lambda *a: calls.append(a[0][0]) or real(*a))
+    stream = iter_batches([tmp_path / "data"], _spec(), batch_size=10, workers=2)
+    records, _ = next(stream)
+    assert len(records) == 10 and 10 <= len(calls) <= 20  # this chunk and the one decoding ahead
+    stream.close()
+
+
 def test_folder_expansion_and_empty_folder(tmp_path, digits):
     d = digits[0][0]
     (tmp_path / "in" / "b").mkdir(parents=True)

@@ -362,6 +362,8 @@ def _load_one(item: _Item, spec: ModelSpec, max_pixels: int) -> LoadedImage:
             data = _read_bytes(obj, source)
             digest = "sha256:" + hashlib.sha256(data).hexdigest()
             img = _decode_bytes(data, obj, max_pixels, source)
+        # preprocessed here, one by one, so only spec-sized pixels outlive the worker:
+        # a batch of full-resolution radiographs never sits in memory at once
         pixels = preprocess([img], spec)[0]
     except InputError as e:
         return LoadedImage(source, None, digest, str(e), label)
