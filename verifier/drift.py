@@ -1,0 +1,579 @@
+"""Nightly drift: one day of logged gate decisions tested against the bundle's calibration reference.
+
+Tests (one family per night, Holm-corrected at `family_alpha`, alerts need an effect above a floor):
+rejection rate vs alpha (overall, per class), score distributions (KS + Wasserstein), score tails,
+uniformity of the combined p-values, and predicted-class frequencies. See docs/drift.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+import duckdb
+import numpy as np
+from scipy import stats
+
+from .decision_log import SCORE_PREFIX, DecisionLog, LogError
+
+__all__ = ["DriftReference", "DriftConfig", "DaySample", "DriftTest", "TrendPoint",
+           "DriftReport", "DriftError", "evaluate", "holm", "load_day", "load_trend",
+           "drift_report", "default_day", "render_html"]
+
+
+class DriftError(RuntimeError):
+    """The drift report cannot be produced as asked (no rows for the day, unreadable log)."""
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """What drift compares a day with: the bundle's calibration data (no model needed).
+
+    calibration_scores: score name -> (n,) float64, the same names as the log's score_ columns
+    calibration_classes: (n,) int, predicted class index of each calibration image
+    higher_is_worse: score name -> direction (True: a larger score is less in-distribution)
+    """
+
+    bundle_id: str
+    alpha: float
+    classes: tuple[str, ...]
+    calibration_scores: dict[str, np.ndarray]
+    calibration_classes: np.ndarray
+    higher_is_worse: dict[str, bool]
+
+    @classmethod
+    def from_bundle(cls, bundle: Any) -> DriftReference:
+        """Take the reference fields from a `verifier.bundle.Bundle` (or anything shaped so)."""
+        return cls(
+            bundle_id=str(bundle.bundle_id), alpha=float(bundle.alpha),
+            classes=tuple(str(c) for c in bundle.classes),
+            calibration_scores={str(k): np.asarray(v, dtype=np.float64).ravel()
+                                for k, v in bundle.calibration_scores.items()},
+            calibration_classes=np.asarray(bundle.calibration_classes, dtype=np.int64).ravel(),
+            higher_is_worse={str(k): bool(v) for k, v in bundle.higher_is_worse.items()})
+
+    @property
+    def n_calibration(self) -> int:
+        return int(self.calibration_classes.shape[0])
+
+    def class_counts(self) -> np.ndarray:
+        """(K,) int64 calibration images per predicted class, in `classes` order."""
+        return np.bincount(self.calibration_classes, minlength=len(self.classes))[:len(self.classes)]
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Alerting policy. Floors are effect sizes a significant test must also reach to alert.
+
+    min_rate_excess: absolute excess of a rate over its expectation (rejection rate over alpha,
+      tail exceedance over its calibration rate); None = max(0.01, 2*sqrt(r(1-r)/n_cal)), the
+      calibration's own sampling slack, so a bundle whose realised rate is a little off its
+      nominal rate does not alarm every large night.
+    min_score_shift: Wasserstein distance between day and calibration scores, in calibration SDs.
+    min_pvalue_shift: one-sided KS distance of the day's combined p-values above Uniform(0,1).
+    min_class_shift: total-variation distance between day and calibration class frequencies.
+    """
+
+    family_alpha: float = 0.01
+    trend_days: int = 14
+    min_rate_excess: float | None = None
+    min_score_shift: float = 0.10
+    min_pvalue_shift: float = 0.02
+    min_class_shift: float = 0.05
+    tail_level: float = 0.05
+    min_class_n: int = 30
+    min_sample: int = 20
+    min_expected: float = 5.0
+    top_rejected: int = 20
+
+    def rate_floor(self, rate: float, n_calibration: int) -> float:
+        if self.min_rate_excess is not None:
+            return self.min_rate_excess
+        slack = 2.0 * math.sqrt(rate * (1.0 - rate) / max(n_calibration, 1))
+        return max(0.01, slack)
+
+
+@dataclass
+class DaySample:
+    """The figures of one day that the tests need (only rows of the reference's bundle).
+
+    per_class: predicted class -> (decisions, rejections); scores: name -> (n_name,) float64
+    non-null values; p_values: (n_p,) float64 non-null combined p-values.
+    """
+
+    day: date
+    n: int
+    rejected: int
+    errors: int
+    per_class: dict[str, tuple[int, int]]
+    scores: dict[str, np.ndarray]
+    p_values: np.ndarray
+
+
+@dataclass(frozen=True)
+class DriftTest:
+    """One hypothesis test of the night. `p_value` is the test's own p-value (not adjusted);
+    `threshold` is the Holm level it is compared with; `alert` needs significance and effect."""
+
+    name: str
+    family: str
+    method: str
+    statistic: float
+    statistic_name: str
+    p_value: float
+    threshold: float
+    effect_size: float
+    effect_size_name: str
+    effect_floor: float
+    significant: bool
+    alert: bool
+    n: int
+    detail: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "method": self.method,
+                "statistic": _f(self.statistic), "statistic_name": self.statistic_name,
+                "p_value": _f(self.p_value), "threshold": _f(self.threshold),
+                "effect_size": _f(self.effect_size), "effect_size_name": self.effect_size_name,
+                "effect_floor": _f(self.effect_floor), "significant": self.significant,
+                "alert": self.alert, "n": self.n,
+                "detail": {k: _f(v) for k, v in self.detail.items()}}
+
+
+@dataclass(frozen=True)
+class TrendPoint:
+    """One day of the p-chart: rejection rate with 3-sigma binomial limits around alpha."""
+
+    day: date
+    n: int
+    rejected: int
+    rate: float
+    lower: float
+    upper: float
+
+    @property
+    def out_of_control(self) -> bool:
+        return self.rate > self.upper
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"day": self.day.isoformat(), "n": self.n, "rejected": self.rejected,
+                "rate": self.rate, "lower_limit": self.lower, "upper_limit": self.upper,
+                "out_of_control": self.out_of_control}
+
+
+@dataclass
+class DriftReport:
+    """The night's result; `sample` and `reference` are kept for the HTML figures only."""
+
+    day: date
+    n: int
+    bundle_id: str
+    alpha: float
+    config: DriftConfig
+    tests: list[DriftTest]
+    trend: list[TrendPoint]
+    most_rejected: list[dict[str, Any]]
+    notes: list[str]
+    sample: DaySample
+    reference: DriftReference
+
+    @property
+    def alert(self) -> bool:
+        return any(t.alert for t in self.tests)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [_reason(t, self.alpha) for t in self.tests if t.alert]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alert": self.alert, "day": self.day.isoformat(), "n": self.n,
+                "rejected": self.sample.rejected, "errors": self.sample.errors,
+                "bundle_id": self.bundle_id, "alpha": self.alpha,
+                "family_alpha": self.config.family_alpha, "correction": "holm",
+                "tests": [t.to_dict() for t in self.tests], "reasons": self.reasons,
+                "trend": [p.to_dict() for p in self.trend],
+                "most_rejected": self.most_rejected, "notes": self.notes}
+
+
+# -- the tests ----------------------------------------------------------------------------
+def evaluate(sample: DaySample, reference: DriftReference,
+             config: DriftConfig = DriftConfig()) -> list[DriftTest]:
+    """Run the night's family of tests on `sample` and apply Holm at `config.family_alpha`."""
+    raw: list[dict[str, Any]] = []
+    raw += _rejection_tests(sample, reference, config)
+    raw += _score_tests(sample, reference, config)
+    raw += _uniformity_test(sample, config)
+    raw += _class_test(sample, reference, config)
+    thresholds, significant = holm([r["p_value"] for r in raw], config.family_alpha)
+    return [DriftTest(**r, threshold=t, significant=s,
+                      alert=bool(s and r["effect_size"] >= r["effect_floor"]))
+            for r, t, s in zip(raw, thresholds, significant)]
+
+
+def holm(p_values: list[float], family_alpha: float) -> tuple[list[float], list[bool]]:
+    """Holm step-down: each test's level family_alpha/(k - rank) and whether it is rejected.
+
+    Controls the family-wise error rate at family_alpha for any dependence between tests.
+    """
+    k = len(p_values)
+    order = sorted(range(k), key=lambda i: (p_values[i], i))
+    thresholds, significant = [0.0] * k, [False] * k
+    still = True
+    for rank, i in enumerate(order):
+        thresholds[i] = family_alpha / (k - rank)
+        still = still and p_values[i] <= thresholds[i]
+        significant[i] = still
+    return thresholds, significant
+
+
+def _rejection_tests(s: DaySample, ref: DriftReference, cfg: DriftConfig) -> list[dict]:
+    floor = cfg.rate_floor(ref.alpha, ref.n_calibration)
+    out = [_binomial("rejection_rate", s.rejected, s.n, ref.alpha, floor)]
+    for cls in sorted(s.per_class):
+        n_c, x_c = s.per_class[cls]
+        if n_c >= cfg.min_class_n:
+            out.append(_binomial(f"rejection_rate[{cls}]", x_c, n_c, ref.alpha, floor))
+    return out
+
+
+def _binomial(name: str, x: int, n: int, alpha: float, floor: float) -> dict:
+    p = stats.binomtest(int(x), int(n), alpha, alternative="greater").pvalue if n else 1.0
+    rate = x / n if n else 0.0
+    return dict(name=name, family="rejection_rate", method="exact binomial, one-sided (rate > alpha)",
+                statistic=float(x), statistic_name="rejections", p_value=float(p),
+                effect_size=rate - alpha, effect_size_name="rate_minus_alpha",
+                effect_floor=floor, n=int(n), detail={"rate": rate, "alpha": alpha})
+
+
+def _score_tests(s: DaySample, ref: DriftReference, cfg: DriftConfig) -> list[dict]:
+    out = []
+    for name in sorted(ref.calibration_scores):
+        day = s.scores.get(name)
+        cal = ref.calibration_scores[name]
+        cal = cal[np.isfinite(cal)]
+        if day is None or len(day) < cfg.min_sample or len(cal) < cfg.min_sample:
+            continue
+        ks = stats.ks_2samp(day, cal)
+        w = float(stats.wasserstein_distance(day, cal))
+        sd = float(np.std(cal))
+        shift = w / sd if sd > 0 else (math.inf if w > 0 else 0.0)
+        out.append(dict(name=f"score_distribution[{name}]", family="score_distribution",
+                        method="two-sample Kolmogorov-Smirnov, two-sided", statistic=float(ks.statistic),
+                        statistic_name="ks_distance", p_value=float(ks.pvalue),
+                        effect_size=shift, effect_size_name="wasserstein_in_calibration_sd",
+                        effect_floor=cfg.min_score_shift, n=len(day),
+                        detail={"wasserstein": w, "calibration_sd": sd,
+                                "day_median": float(np.median(day)),
+                                "calibration_median": float(np.median(cal))}))
+        if name in ref.higher_is_worse:
+            out.append(_tail_test(name, day, cal, ref.higher_is_worse[name], cfg))
+    return out
+
+
+def _tail_test(name: str, day: np.ndarray, cal: np.ndarray, higher_is_worse: bool,
+               cfg: DriftConfig) -> dict:
+    # Threshold = the k-th worst calibration score. Under exchangeability the mass beyond it is
+    # Beta(k, m+1-k), so the day's count beyond it is Beta-Binomial: exact, and it carries the
+    # calibration set's own sampling noise (a plain binomial would not).
+    sign = 1.0 if higher_is_worse else -1.0
+    worse_cal, worse_day = np.sort(sign * cal), sign * day
+    m, n = len(cal), len(day)
+    k = max(1, int(round(cfg.tail_level * (m + 1))))
+    cut = worse_cal[m - k]
+    x = int(np.count_nonzero(worse_day > cut))
+    expected = k / (m + 1)
+    p = float(stats.betabinom.sf(x - 1, n, k, m + 1 - k))
+    return dict(name=f"score_tail[{name}]", family="score_tail",
+                method="beta-binomial exceedance of the calibration tail, one-sided",
+                statistic=float(x), statistic_name="exceedances", p_value=min(1.0, p),
+                effect_size=x / n - expected, effect_size_name="exceedance_rate_minus_expected",
+                effect_floor=cfg.rate_floor(expected, m), n=n,
+                detail={"threshold_score": float(sign * cut), "expected_rate": expected,
+                        "rate": x / n})
+
+
+def _uniformity_test(s: DaySample, cfg: DriftConfig) -> list[dict]:
+    # Conformal p-values are super-uniform (P(p <= t) <= t, on a grid), so only a surplus of
+    # small p-values is evidence of drift: test that one side only; the test stays valid.
+    p = s.p_values
+    if len(p) < cfg.min_sample:
+        return []
+    ks = stats.ks_1samp(p, stats.uniform.cdf, alternative="greater")
+    grid = (np.arange(2000) + 0.5) / 2000
+    return [dict(name="p_value_uniformity", family="p_value_uniformity",
+                 method="one-sample Kolmogorov-Smirnov vs Uniform(0,1), one-sided (p-values too small)",
+                 statistic=float(ks.statistic), statistic_name="ks_distance_above_uniform",
+                 p_value=float(ks.pvalue), effect_size=float(ks.statistic),
+                 effect_size_name="ks_distance_above_uniform", effect_floor=cfg.min_pvalue_shift,
+                 n=len(p), detail={"wasserstein_to_uniform": float(stats.wasserstein_distance(p, grid)),
+                                   "median_p_value": float(np.median(p))})]
+
+
+def _class_test(s: DaySample, ref: DriftReference, cfg: DriftConfig) -> list[dict]:
+    # Two-sample homogeneity (day counts vs calibration counts), not a goodness of fit to
+    # fixed frequencies: the calibration frequencies are themselves a finite sample.
+    names = list(ref.classes)
+    day = np.array([s.per_class.get(c, (0, 0))[0] for c in names]
+                   + [sum(v[0] for c, v in s.per_class.items() if c not in ref.classes)], float)
+    cal = np.append(ref.class_counts().astype(float), 0.0)
+    table = _merge_small(np.vstack([day, cal]), names + ["(other)"], cfg.min_expected)
+    if table is None or day.sum() < cfg.min_sample:
+        return []
+    counts, _ = table
+    res = stats.chi2_contingency(counts)
+    f_day, f_cal = day / day.sum(), cal / cal.sum()
+    tvd = 0.5 * float(np.abs(f_day - f_cal).sum())
+    detail = {f"day_share[{c}]": float(v) for c, v in zip(names + ["(other)"], f_day)}
+    detail.update({f"calibration_share[{c}]": float(v) for c, v in zip(names, f_cal)})
+    return [dict(name="class_frequency", family="class_frequency",
+                 method="chi-square homogeneity, day vs calibration counts",
+                 statistic=float(res.statistic), statistic_name="chi_square",
+                 p_value=float(res.pvalue), effect_size=tvd,
+                 effect_size_name="total_variation_distance", effect_floor=cfg.min_class_shift,
+                 n=int(day.sum()), detail=detail)]
+
+
+def _merge_small(t: np.ndarray, names: list[str], min_expected: float
+                 ) -> tuple[np.ndarray, list[str]] | None:
+    """Pool columns whose expected count is below `min_expected` into one; None if < 2 remain."""
+    t = t[:, t.sum(axis=0) > 0]
+    while t.shape[1] >= 2:
+        expected = np.outer(t.sum(axis=1), t.sum(axis=0)) / t.sum()
+        small = np.where((expected < min_expected).any(axis=0))[0]
+        if len(small) == 0:
+            return t, names
+        if len(small) == 1:  # pool the lone small cell with the next-smallest column
+            rest = [j for j in np.argsort(t.sum(axis=0)) if j != small[0]]
+            small = np.array([small[0], rest[0]])
+        pooled = t[:, small].sum(axis=1, keepdims=True)
+        t = np.hstack([np.delete(t, small, axis=1), pooled])
+    return None
+
+
+# -- reading the log ----------------------------------------------------------------------
+def default_day() -> date:
+    """Yesterday in UTC: the last complete day when the nightly job runs."""
+    return (datetime.now(timezone.utc) - timedelta(days=1)).date()
+
+
+def load_day(log: DecisionLog, day: date, reference: DriftReference) -> DaySample:
+    """Aggregate one day in DuckDB; only the score columns are fetched, one at a time."""
+    con = _connect(log, [day])
+    try:
+        cols = {r[0] for r in con.execute("DESCRIBE decisions").fetchall()}
+        bid = reference.bundle_id
+        n, rejected, errors, other = con.execute(
+            "SELECT count(*) FILTER (WHERE bundle_id = $1), "
+            "count(*) FILTER (WHERE bundle_id = $1 AND decision = 'reject'), "
+            "count(error) FILTER (WHERE bundle_id = $1), "
+            "count(*) FILTER (WHERE bundle_id <> $1) FROM decisions", [bid]).fetchone()
+        if n == 0:
+            raise DriftError(f"no decisions of bundle {bid!r} logged on {day} "
+                             f"({other} rows of other bundles)")
+        per_class = {c: (int(a), int(b)) for c, a, b in con.execute(
+            "SELECT predicted_class, count(*), count(*) FILTER (WHERE decision = 'reject') "
+            "FROM decisions WHERE bundle_id = $1 AND predicted_class IS NOT NULL "
+            "GROUP BY 1", [bid]).fetchall()}
+        scores = {}
+        for name in reference.calibration_scores:
+            col = SCORE_PREFIX + name
+            if col in cols:
+                scores[name] = _column(con, col, bid)
+        p_values = _column(con, "p_value", bid)
+    except duckdb.Error as e:
+        raise _explained(log, [day], e) from None
+    finally:
+        con.close()
+    return DaySample(day=day, n=int(n), rejected=int(rejected), errors=int(errors),
+                     per_class=per_class, scores=scores, p_values=p_values)
+
+
+def load_trend(log: DecisionLog, day: date, n_days: int, reference: DriftReference) -> list[TrendPoint]:
+    """The p-chart of the `n_days` days ending at `day` (days without rows are skipped)."""
+    window = [d for d in log.days() if day - timedelta(days=n_days) < d <= day]
+    if not window:
+        return []
+    con = _connect(log, window)
+    try:
+        rows = con.execute(
+            "SELECT date, count(*), count(*) FILTER (WHERE decision = 'reject') FROM decisions "
+            "WHERE bundle_id = $1 GROUP BY date ORDER BY date", [reference.bundle_id]).fetchall()
+    except duckdb.Error as e:
+        raise _explained(log, window, e) from None
+    finally:
+        con.close()
+    a = reference.alpha
+    out = []
+    for d, n, x in rows:
+        half = 3.0 * math.sqrt(a * (1 - a) / n)
+        out.append(TrendPoint(day=d, n=int(n), rejected=int(x), rate=x / n,
+                              lower=max(0.0, a - half), upper=min(1.0, a + half)))
+    return out
+
+
+def load_most_rejected(log: DecisionLog, day: date, reference: DriftReference,
+                       k: int) -> list[dict[str, Any]]:
+    """The day's `k` rejects with the lowest p-value (errors, without one, last)."""
+    con = _connect(log, [day])
+    try:
+        rel = con.execute(
+            "SELECT epoch_us(time) AS time, input, digest, predicted_class, p_value, reasons, error "
+            "FROM decisions WHERE bundle_id = $1 AND decision = 'reject' "
+            "ORDER BY p_value ASC NULLS LAST, time LIMIT $2", [reference.bundle_id, k])
+        names = [d[0] for d in rel.description]
+        rows = [dict(zip(names, r)) for r in rel.fetchall()]
+    except duckdb.Error as e:
+        raise _explained(log, [day], e) from None
+    finally:
+        con.close()
+    for r in rows:
+        # epoch microseconds: DuckDB's TIMESTAMPTZ -> Python conversion needs pytz
+        r["time"] = (_EPOCH + timedelta(microseconds=int(r["time"]))).isoformat()
+        r["p_value"] = _f(r["p_value"])
+    return rows
+
+
+def drift_report(log: DecisionLog, reference: DriftReference, day: date | None = None,
+                 config: DriftConfig = DriftConfig()) -> DriftReport:
+    """Everything the nightly job says about `day` (default: yesterday, UTC)."""
+    day = day or default_day()
+    if not log.root.is_dir():
+        raise DriftError(f"decision log folder not found: {log.root}")
+    if day not in log.days():
+        have = log.days()
+        hint = f"latest logged day: {have[-1]}" if have else "the log holds no decisions"
+        raise DriftError(f"no decisions logged on {day} under {log.root} ({hint})")
+    sample = load_day(log, day, reference)
+    notes = [f"score {n!r} of the calibration reference is not in the day's log"
+             for n in sorted(set(reference.calibration_scores) - set(sample.scores))]
+    if sample.errors:
+        notes.append(f"{sample.errors} inputs could not be read or probed (counted as rejects)")
+    return DriftReport(day=day, n=sample.n, bundle_id=reference.bundle_id, alpha=reference.alpha,
+                       config=config, tests=evaluate(sample, reference, config),
+                       trend=load_trend(log, day, config.trend_days, reference),
+                       most_rejected=load_most_rejected(log, day, reference, config.top_rejected),
+                       notes=notes, sample=sample, reference=reference)
+
+
+# -- the HTML report ----------------------------------------------------------------------
+def render_html(report: DriftReport) -> str:
+    """One self-contained page: verdict, trend, score distributions, class mix, top rejects."""
+    from . import html_report as h
+
+    r = report
+    if r.alert:
+        top = h.banner("alert", f"ALERT: drift on {r.day}", r.reasons)
+    else:
+        top = h.banner("ok", f"No alert on {r.day}",
+                       [f"{len(r.tests)} tests, family-wise false-alarm rate per night "
+                        f"<= {r.config.family_alpha:g} (Holm)"])
+    facts = h.table(["day", "bundle", "decisions", "rejected", "errors", "alpha"],
+                    [[r.day.isoformat(), r.bundle_id, r.n, r.sample.rejected, r.sample.errors,
+                      r.alpha]])
+    tests = h.table(
+        ["test", "statistic", "value", "p-value", "Holm level", "effect", "effect size", "floor",
+         "alert"],
+        [[t.name, t.statistic_name, t.statistic, t.p_value, t.threshold, t.effect_size_name,
+          t.effect_size, t.effect_floor, "ALERT" if t.alert else ""] for t in r.tests],
+        highlight=[t.alert for t in r.tests])
+    labels = [p.day.isoformat()[5:] for p in r.trend]
+    trend = h.line_chart_svg(
+        labels, {"daily rejection rate": [p.rate for p in r.trend]},
+        band=([p.lower for p in r.trend], [p.upper for p in r.trend]), center=r.alpha,
+        flags=[p.out_of_control for p in r.trend], y_label="rejected", percent=True)
+    trend_rows = h.table(["day", "decisions", "rejected", "rate", "lower limit", "upper limit",
+                          "out of control"],
+                         [[p.day.isoformat(), p.n, p.rejected, p.rate, p.lower, p.upper,
+                           p.out_of_control] for p in r.trend],
+                         highlight=[p.out_of_control for p in r.trend])
+    by_name = {t.name: t for t in r.tests}
+    cards = []
+    for name in sorted(r.sample.scores):
+        t = by_name.get(f"score_distribution[{name}]")
+        tail = by_name.get(f"score_tail[{name}]")
+        cap = f"{name}: KS p={t.p_value:.2e}, shift {t.effect_size:.2f} SD" if t else name
+        cards.append(h.Markup('<div class="card">{}<br><span class="note">{}</span></div>').format(
+            h.histogram_svg({"calibration": r.reference.calibration_scores[name],
+                             "day": r.sample.scores[name]}, x_label=name,
+                            marker=tail.detail["threshold_score"] if tail else None), cap))
+    if len(r.sample.p_values):
+        cards.append(h.Markup('<div class="card">{}</div>').format(h.histogram_svg(
+            {"day": r.sample.p_values}, value_range=(0.0, 1.0), bins=20,
+            x_label="combined p-value (uniform if in-distribution)", marker=r.alpha)))
+    cal = r.reference.class_counts()
+    day_counts = [r.sample.per_class.get(c, (0, 0))[0] for c in r.reference.classes]
+    n_day = max(sum(day_counts), 1)
+    classes = h.bar_chart_svg(list(r.reference.classes),
+                              {"calibration": list(cal / max(cal.sum(), 1)),
+                               "day": [c / n_day for c in day_counts]},
+                              y_label="share", percent=True)
+    per_class = h.table(["predicted class", "decisions", "rejected", "rejection rate"],
+                        [[c, n, x, x / n] for c, (n, x) in sorted(r.sample.per_class.items())])
+    rejects = h.table(["time", "input", "predicted", "p-value", "reasons", "error", "digest"],
+                      [[m["time"], m["input"], m["predicted_class"], m["p_value"],
+                        ", ".join(m["reasons"] or []), m["error"], (m["digest"] or "")[:12]]
+                       for m in r.most_rejected])
+    notes = h.section("Notes", h.Markup("<ul>{}</ul>").format(h.Markup("").join(
+        h.Markup("<li>{}</li>").format(n) for n in r.notes))) if r.notes else ""
+    return h.page(
+        f"Drift report {r.day}", top, facts,
+        h.section("Rejection rate trend", trend, trend_rows,
+                  note=f"Daily rejection rate over the last {r.config.trend_days} days; the shaded "
+                       f"band is alpha +/- 3 binomial SD (p-chart), a red ring marks a day above it."),
+        h.section("Tests of the night", tests,
+                  note="Each p-value is compared with its Holm level; a test alerts only when "
+                       "significant and its effect size reaches the floor."),
+        h.section("Score distributions: day vs calibration", h.Markup('<div class="grid">{}</div>')
+                  .format(h.Markup("").join(cards)),
+                  note="Red dashed line: the calibration tail threshold of the tail test."),
+        h.section("Predicted-class frequencies", classes, per_class),
+        h.section(f"Most rejected inputs (top {r.config.top_rejected} by lowest p-value)", rejects),
+        notes, subtitle=f"bundle {r.bundle_id} - generated "
+                        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+
+
+# -- helpers ------------------------------------------------------------------------------
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _connect(log: DecisionLog, days: list[date]) -> duckdb.DuckDBPyConnection:
+    try:
+        return log.connect(days)
+    except LogError as e:
+        raise DriftError(str(e)) from None
+
+
+def _explained(log: DecisionLog, days: list[date], err: Exception) -> DriftError:
+    return DriftError(str(log._explain(log.files(days), err)))
+
+
+def _column(con: duckdb.DuckDBPyConnection, col: str, bundle_id: str) -> np.ndarray:
+    q = f'SELECT "{col}" AS v FROM decisions WHERE bundle_id = $1 AND "{col}" IS NOT NULL'
+    v = con.execute(q, [bundle_id]).fetchnumpy()["v"]
+    return np.asarray(v, dtype=np.float64)
+
+
+def _reason(t: DriftTest, alpha: float) -> str:
+    d = t.detail
+    if t.family == "rejection_rate":
+        what = f"{t.name}: {d['rate']:.1%} rejected ({int(t.statistic)}/{t.n}) vs alpha {alpha:.1%}"
+    elif t.family == "score_distribution":
+        what = (f"{t.name}: distribution shifted by {t.effect_size:.2f} calibration SD "
+                f"(KS {t.statistic:.3f}, median {d['day_median']:.4g} vs {d['calibration_median']:.4g})")
+    elif t.family == "score_tail":
+        what = (f"{t.name}: {d['rate']:.1%} of scores beyond the calibration's "
+                f"{d['expected_rate']:.1%} tail")
+    elif t.family == "p_value_uniformity":
+        what = f"{t.name}: p-values too small (KS distance {t.statistic:.3f} above uniform)"
+    else:
+        what = f"{t.name}: class mix shifted (total variation {t.effect_size:.3f})"
+    return f"{what}; p={t.p_value:.2e} <= Holm level {t.threshold:.2e}"
+
+
+def _f(v: Any) -> float | None:
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
