@@ -277,3 +277,16 @@ def test_bad_inputs_are_refused(real_pairs):
         MeasureOptions(wasserstein="slow")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         compare_maps(maps[:, :5, :5], refs[:, :5, :5], ["ssim"])
+
+
+def test_binarisation_level_is_inclusive():
+    # the documented rule is value >= level x max: a cell at exactly half the max is inside
+    a = np.zeros((1, G, G), np.float32)
+    a[0, 0, :4] = [1.0, 0.5, 0.25, 0.0]
+    b = np.zeros((1, G, G), np.float32)
+    b[0, 0, 1] = 1.0
+    out = compare_maps(a, b, ["iou", "dice"])
+    assert out["iou"][0] == pytest.approx(1 / 2)  # A = {0, 1}, B = {1}
+    assert out["dice"][0] == pytest.approx(2 / 3)
+    # the level scales with each map's own max, so halving a map changes nothing
+    np.testing.assert_array_equal(compare_maps(a / 2, b, ["iou"])["iou"], out["iou"])
