@@ -1,0 +1,313 @@
+"""Building a bundle: reference store, garbage head and calibration from labelled images.
+
+Three disjoint roles for the data: reference images (store + garbage head), a
+fusion-fit split and a conformal split of the held-out calibration images.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.conformal import ConformalCalibrator
+from calibration.fusion import FusedConformal
+from reference_maps.canonical import DEFAULT_GRID, to_grid
+from reference_maps.store import ReferenceStore
+
+from .bundle import Bundle
+from .compare import Comparator, higher_is_worse
+from .garbage import GarbageHead, synthetic_garbage
+from .probe import Probe, ProbeResult, open_probe
+from .spec import ModelSpec
+
+__all__ = ["build_bundle", "LabelledData", "BuildReport"]
+
+
+@dataclass
+class LabelledData:
+    """Labelled inputs: file paths or a raw pixel array (N, H, W[, C]), and (N,) int labels."""
+
+    inputs: Sequence[Path] | np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def from_source(cls, source: str | Path | tuple[np.ndarray, np.ndarray] | LabelledData,
+                    classes: Sequence[str]) -> LabelledData:
+        """A folder `DIR/<class>/<files>`, a CSV `path,label`, or (images, labels) arrays."""
+        if isinstance(source, LabelledData):
+            return source
+        if isinstance(source, tuple):
+            images, labels = source
+            return cls(np.asarray(images), np.asarray(labels, dtype=np.int64))
+        from .io import labelled_dataset
+
+        pairs = labelled_dataset(source, classes)
+        return cls([p for p, _ in pairs], np.array([lab for _, lab in pairs], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> LabelledData:
+        if isinstance(self.inputs, np.ndarray):
+            return LabelledData(self.inputs[idx], self.labels[idx])
+        return LabelledData([self.inputs[i] for i in idx], self.labels[idx])
+
+
+@dataclass
+class BuildReport:
+    """Figures from a build, also stored in the bundle manifest's `info`."""
+
+    reference_images: int
+    calibration_images: int
+    fusion_images: int
+    garbage_images: int
+    unreadable: int
+    reference_accuracy: float
+    calibration_accuracy: float
+
+
+def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: Any = None,
+                 calibration_fraction: float = 0.3, garbage: str | Path | None = None,
+                 alpha: float = 0.05, grid: tuple[int, int] = DEFAULT_GRID, combine: str = "fusion",
+                 batch_size: int = 64, seed: int = 0, progress: bool = False,
+                 probe: Probe | None = None) -> Bundle:
+    """Build and save a bundle; returns it (loaded state, `bundle.info` holds the figures).
+
+    data / calibration: a folder, a CSV manifest or (images, labels) arrays. Without
+    `calibration`, a stratified `calibration_fraction` of `data` is held out. A third of
+    the calibration images fit the score fusion; the rest calibrate it (disjoint).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    rng = np.random.default_rng(seed)
+    probe = probe if probe is not None else open_probe(spec)
+    ref = LabelledData.from_source(data, spec.classes)
+    if calibration is None:
+        if not 0.05 <= calibration_fraction <= 0.9:
+            raise ValueError("calibration_fraction must be between 0.05 and 0.9")
+        cal_idx = _stratified(ref.labels, calibration_fraction, rng)
+        rest = np.setdiff1d(np.arange(len(ref)), cal_idx)
+        ref, cal = ref.subset(rest), ref.subset(cal_idx)
+    else:
+        cal = LabelledData.from_source(calibration, spec.classes)
+    if len(cal) < 30:
+        raise ValueError(f"calibration needs at least 30 images, got {len(cal)}")
+    say = _Reporter(progress)
+
+    # 1. reference store + features for the garbage head
+    store = ReferenceStore(spec.classes, grid=grid, metadata={
+        "model_fingerprint": probe.fingerprint, "target_layer": probe.target_layer,
+        "early_layer": probe.early_layer, "attribution": "gradcam",
+        "gradient_method": probe.gradient_method, "grid": list(grid)})
+    feats, labels, pixels = _Reservoir(20000, rng), _Reservoir(20000, rng), _Reservoir(2000, rng)
+    correct = n_ref = unreadable = 0
+    for res, lab, x in say.batches(_probe_batches(probe, spec, ref, batch_size, use_labels=True), len(ref), "reference"):
+        cam, early = to_grid(res.cam, grid), to_grid(res.early_map, grid)
+        store.update(lab, cam, early, res.early_stats)
+        keep = feats.offer(res.features)
+        labels.offer(lab, keep)
+        pixels.offer(_raw_pixels(x, spec))
+        correct += int((_predicted(res, spec) == lab).sum())
+        n_ref += len(lab)
+    unreadable += len(ref) - n_ref
+    if n_ref == 0:
+        raise ValueError("no reference image could be read")
+    missing = [spec.classes[k] for k in np.flatnonzero(store.counts == 0)]
+    if missing:
+        raise ValueError(f"no reference images for class(es) {missing}")
+
+    # 2. garbage head (unless the model has its own garbage output)
+    head = None
+    n_garbage = 0
+    user_garbage = _user_garbage(garbage, spec)
+    if spec.garbage_class is None:
+        g_x = _garbage_inputs(pixels.array(), user_garbage, max(600, len(feats.array()) // 2), seed, spec)
+        g_feats = np.concatenate([probe.run(g_x[i:i + batch_size]).features
+                                  for i in range(0, len(g_x), batch_size)])
+        n_garbage = len(g_x)
+        head = GarbageHead(spec.num_classes, seed=seed).fit(
+            np.concatenate([feats.array(), g_feats]),
+            np.concatenate([labels.array(), np.full(len(g_feats), spec.num_classes)]))
+
+    # 3. calibration scores
+    comparator = Comparator(store)
+    scorer = _Scorer(probe, comparator, head, spec)
+    cal_scores: list[dict[str, np.ndarray]] = []
+    cal_pred, cal_lab = [], []
+    for res, lab, _ in say.batches(_probe_batches(probe, spec, cal, batch_size, use_labels=False), len(cal), "calibration"):
+        cal_scores.append(scorer.scores(res))
+        cal_pred.append(res.cam_class)
+        cal_lab.append(lab)
+    scores = {k: np.concatenate([s[k] for s in cal_scores]) for k in cal_scores[0]}
+    pred, lab = np.concatenate(cal_pred), np.concatenate(cal_lab)
+    unreadable += len(cal) - len(pred)
+    names = list(scores)
+
+    # 4. fusion fit split (disjoint) vs garbage; conformal split
+    fit_idx = _stratified(pred, 1 / 3, rng)
+    conf_idx = np.setdiff1d(np.arange(len(pred)), fit_idx)
+    g_x = _garbage_inputs(pixels.array(), user_garbage, max(300, len(fit_idx)), seed + 1, spec)
+    g_scores = [scorer.scores(probe.run(g_x[i:i + batch_size])) for i in range(0, len(g_x), batch_size)]
+    neg = np.column_stack([np.concatenate([s[k] for s in g_scores]) for k in names])
+    matrix = np.column_stack([scores[k] for k in names])
+    directions = {k: higher_is_worse(k) for k in names}
+    fusion = FusedConformal().fit(matrix[fit_idx], neg)
+    fusion.calibrate(matrix[conf_idx], pred[conf_idx], spec.num_classes)
+    conf_scores = {k: v[conf_idx] for k, v in scores.items()}
+    calibrator = ConformalCalibrator(directions).fit(conf_scores, pred[conf_idx], spec.num_classes)
+
+    report = BuildReport(reference_images=n_ref, calibration_images=len(conf_idx),
+                         fusion_images=len(fit_idx), garbage_images=n_garbage + len(g_x),
+                         unreadable=unreadable, reference_accuracy=correct / n_ref,
+                         calibration_accuracy=float((pred == lab).mean()))
+    bundle = Bundle(spec=spec, store=store, head=head, calibrator=calibrator, fusion=fusion,
+                    alpha=alpha, calibration_scores=conf_scores, calibration_classes=pred[conf_idx],
+                    higher_is_worse=directions, model_fingerprint=probe.fingerprint, combine=combine,
+                    info={"build": report.__dict__, "target_layer": probe.target_layer,
+                          "early_layer": probe.early_layer, "gradient_method": probe.gradient_method})
+    bundle.save(out)
+    return bundle
+
+
+class _Scorer:
+    """Comparator scores plus the garbage score for one probe result."""
+
+    def __init__(self, probe: Probe, comparator: Comparator, head: GarbageHead | None, spec: ModelSpec) -> None:
+        self.probe, self.comparator, self.head, self.spec = probe, comparator, head, spec
+
+    def scores(self, res: ProbeResult) -> dict[str, np.ndarray]:
+        s = self.comparator.score(res)
+        if self.head is not None:
+            s["garbage"] = self.head.garbage_probability(res.features)
+        else:
+            z = res.logits - res.logits.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            s["garbage"] = (e[:, self.spec.garbage_class] / e.sum(axis=1)).astype(np.float64)
+        return s
+
+
+def _probe_batches(probe: Probe, spec: ModelSpec, data: LabelledData, batch_size: int,
+                   use_labels: bool) -> Iterator[tuple[ProbeResult, np.ndarray, np.ndarray]]:
+    """(probe result, labels, preprocessed x) per batch of readable inputs."""
+    from .io import iter_batches
+
+    start = 0
+    for records, x in iter_batches(data.inputs, spec, batch_size=batch_size):
+        ok = np.array([r.error is None for r in records], dtype=bool)
+        lab = data.labels[start:start + len(records)][ok]
+        start += len(records)
+        if len(x) == 0:
+            continue
+        yield probe.run(x, classes=lab if use_labels else None), lab, x
+
+
+def _predicted(res: ProbeResult, spec: ModelSpec) -> np.ndarray:
+    return res.logits[:, : spec.num_classes].argmax(axis=1)
+
+
+def _raw_pixels(x: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Undo mean/std: (n, C, H, W) model input -> (n, H, W) or (n, H, W, C) pixels in [0, 1]."""
+    mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
+    raw = np.clip(x * std + mean, 0.0, 1.0)
+    return raw[:, 0] if raw.shape[1] == 1 else raw.transpose(0, 2, 3, 1)
+
+
+def _to_input(raw: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Inverse of `_raw_pixels`."""
+    x = raw[:, None] if raw.ndim == 3 else raw.transpose(0, 3, 1, 2)
+    mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
+    return ((x - mean) / std).astype(np.float32)
+
+
+def _user_garbage(folder: str | Path | None, spec: ModelSpec) -> np.ndarray | None:
+    """Preprocessed (n, C, H, W) images of a user's garbage folder (unreadable files skipped)."""
+    if folder is None:
+        return None
+    from .io import iter_batches
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--garbage {folder} is not a folder")
+    parts = [x for _, x in iter_batches([folder], spec) if len(x)]
+    if not parts:
+        raise ValueError(f"--garbage {folder} holds no readable image")
+    return np.concatenate(parts)
+
+
+def _garbage_inputs(pixels: np.ndarray, user: np.ndarray | None, n: int, seed: int,
+                    spec: ModelSpec) -> np.ndarray:
+    synth, _ = synthetic_garbage(pixels, n, seed=seed)
+    x = _to_input(synth, spec)
+    if user is not None:
+        x = np.concatenate([x, user])
+    return x
+
+
+def _stratified(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a random `fraction` of each label's items (sorted)."""
+    picked = []
+    for k in np.unique(labels):
+        idx = np.flatnonzero(labels == k)
+        m = int(round(fraction * len(idx)))
+        picked.append(rng.choice(idx, size=m, replace=False))
+    return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=np.int64)
+
+
+class _Reservoir:
+    """Uniform random sample of at most `cap` rows from a stream of batches."""
+
+    def __init__(self, cap: int, rng: np.random.Generator) -> None:
+        self.cap, self.rng, self.seen = cap, rng, 0
+        self.rows: list[np.ndarray] = []
+        self.buf: np.ndarray | None = None
+
+    def offer(self, batch: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        """Add a batch; returns the (slot or -1) per row, so a paired reservoir can follow."""
+        batch = np.asarray(batch)
+        if keep is None:
+            keep = self._slots(len(batch))
+        else:
+            self.seen += len(batch)
+        if self.buf is None:
+            self.buf = np.empty((self.cap, *batch.shape[1:]), dtype=batch.dtype)
+        sel = keep >= 0
+        self.buf[keep[sel]] = batch[sel]
+        return keep
+
+    def _slots(self, n: int) -> np.ndarray:
+        pos = self.seen + np.arange(n)
+        self.seen += n
+        slots = np.where(pos < self.cap, pos, -1)
+        late = pos >= self.cap
+        if late.any():  # Algorithm R: the i-th item replaces a random slot with prob cap/(i+1)
+            j = self.rng.integers(0, pos[late] + 1)
+            slots[late] = np.where(j < self.cap, j, -1)
+        return slots
+
+    def array(self) -> np.ndarray:
+        assert self.buf is not None
+        return self.buf[: min(self.seen, self.cap)]
+
+
+class _Reporter:
+    """Progress bars on a terminal, quiet otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def batches(self, it: Iterator, total: int, desc: str) -> Iterator:
+        if not self.enabled:
+            yield from it
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="img", desc=desc) as bar:
+            for item in it:
+                bar.update(len(item[1]))
+                yield item

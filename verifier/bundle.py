@@ -1,0 +1,201 @@
+"""Bundle: one directory holding spec, model file, reference store, garbage head and calibration.
+
+Written atomically with a versioned, checksummed manifest (`reference_maps.artifact`);
+loading refuses changed files, unknown versions, and a model whose fingerprint differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.conformal import ConformalCalibrator
+from calibration.fusion import FusedConformal
+from reference_maps.artifact import ArtifactError, read_artifact, write_artifact
+from reference_maps.store import ReferenceStore
+
+from .garbage import GarbageHead
+from .spec import ModelSpec, SpecError, model_fingerprint, spec_from_dict
+
+__all__ = ["Bundle", "BundleError", "BUNDLE_KIND", "BUNDLE_FORMAT_VERSION"]
+
+BUNDLE_KIND = "verifier-bundle"
+BUNDLE_FORMAT_VERSION = 1
+
+
+class BundleError(ValueError):
+    """A bundle cannot be loaded or used as asked; the message says why."""
+
+
+@dataclass
+class Bundle:
+    """Everything the gate, audit and drift need, for one certified model.
+
+    calibration_scores: {score name: (n,) float64} of the held-out calibration images
+    calibration_classes: (n,) int64 predicted class of each calibration image
+    """
+
+    spec: ModelSpec
+    store: ReferenceStore
+    head: GarbageHead | None
+    calibrator: ConformalCalibrator
+    fusion: FusedConformal
+    alpha: float
+    calibration_scores: dict[str, np.ndarray]
+    calibration_classes: np.ndarray
+    higher_is_worse: dict[str, bool]
+    model_fingerprint: str
+    combine: str = "fusion"
+    compatible_fingerprints: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    bundle_id: str = ""
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.spec.classes
+
+    @property
+    def score_names(self) -> tuple[str, ...]:
+        return tuple(self.calibration_scores)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the bundle directory (atomically); returns its path."""
+        path = Path(path)
+        files: dict[str, bytes] = {}
+        spec_tables = self.spec.to_toml_dict()
+        if self.spec.path is not None:
+            model_name = "model" + self.spec.path.suffix.lower()
+            files[model_name] = Path(self.spec.path).read_bytes()
+            spec_tables["model"]["path"] = model_name
+        else:
+            spec_tables["model"].pop("path", None)
+        files["spec.toml"] = _toml_bytes(spec_tables)
+        arrays = {
+            "reference": self.store.to_arrays(),
+            "calibration": self.calibrator.to_arrays(),
+            "fusion": self.fusion.to_arrays(),
+            "calibration_data": {**{f"score.{k}": np.asarray(v, dtype=np.float64)
+                                    for k, v in self.calibration_scores.items()},
+                                 "classes": np.asarray(self.calibration_classes, dtype=np.int64)},
+        }
+        if self.head is not None:
+            arrays["garbage_head"] = self.head.to_arrays()
+        manifest = {
+            "model_fingerprint": self.model_fingerprint,
+            "compatible_fingerprints": self.compatible_fingerprints,
+            "alpha": float(self.alpha),
+            "combine": self.combine,
+            "calibration_size": int(len(self.calibration_classes)),
+            "classes": list(self.classes),
+            "grid": list(self.store.grid),
+            "higher_is_worse": self.higher_is_worse,
+            "reference_metadata": _jsonable(self.store.metadata),
+            "info": _jsonable(self.info),
+        }
+        write_artifact(path, kind=BUNDLE_KIND, format_version=BUNDLE_FORMAT_VERSION,
+                       arrays=arrays, manifest=manifest, files=files)
+        self.path = path
+        self.bundle_id = _bundle_id(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any = None) -> Bundle:
+        """Read and verify a bundle. `model` (an nn.Module) is needed only for bundles
+        built from an in-memory module; it must have the fingerprint the bundle was built for."""
+        path = Path(path)
+        try:
+            art = read_artifact(path, kind=BUNDLE_KIND, supported_versions={BUNDLE_FORMAT_VERSION})
+        except ArtifactError as e:
+            raise BundleError(str(e)) from None
+        m = art.manifest
+        spec = _load_spec(path, art.files.get("spec.toml"), model)
+        expected = m["model_fingerprint"]
+        actual = model_fingerprint(spec)
+        compatible = m.get("compatible_fingerprints", {})
+        if actual != expected and actual not in compatible.values():
+            raise BundleError(
+                f"bundle {path} was built for model {_short(expected)}, but the model given has "
+                f"fingerprint {_short(actual)}: a bundle is valid only for the model it was "
+                f"calibrated with (rebuild it, or declare the export compatible)")
+        store = ReferenceStore.from_arrays(art.arrays["reference"], classes=spec.classes,
+                                           grid=tuple(m["grid"]), metadata=m["reference_metadata"])
+        cal = art.arrays["calibration_data"]
+        bundle = cls(
+            spec=spec,
+            store=store,
+            head=GarbageHead.from_arrays(art.arrays["garbage_head"]) if "garbage_head" in art.arrays else None,
+            calibrator=ConformalCalibrator.from_arrays(art.arrays["calibration"]),
+            fusion=FusedConformal.from_arrays(art.arrays["fusion"]),
+            alpha=float(m["alpha"]),
+            calibration_scores={k[len("score."):]: v for k, v in cal.items() if k.startswith("score.")},
+            calibration_classes=cal["classes"],
+            higher_is_worse={k: bool(v) for k, v in m["higher_is_worse"].items()},
+            model_fingerprint=expected,
+            combine=m.get("combine", "fusion"),
+            compatible_fingerprints=dict(compatible),
+            info=m.get("info", {}),
+            path=path,
+            bundle_id=_bundle_id(path),
+        )
+        return bundle
+
+
+def _load_spec(path: Path, raw: bytes | None, model: Any) -> ModelSpec:
+    if raw is None:
+        raise BundleError(f"bundle {path} has no spec.toml")
+    tables = tomllib.loads(raw.decode("utf-8"))
+    try:
+        if "path" in tables.get("model", {}):
+            spec = spec_from_dict(tables, base_dir=path, source=path / "spec.toml")
+            return spec if model is None else spec.with_module(model)
+        if model is None:
+            raise BundleError(f"bundle {path} was built from an in-memory PyTorch module: "
+                              f"pass the module (Gatekeeper.load(path, model=module))")
+        return _spec_with_module(tables, path, model)
+    except SpecError as e:
+        raise BundleError(f"bundle {path}: {e}") from None
+
+
+def _spec_with_module(tables: dict, path: Path, model: Any) -> ModelSpec:
+    model_t, inp, layers = tables["model"], tables["input"], tables.get("layers", {})
+    return ModelSpec(classes=tuple(model_t["classes"]), size=tuple(inp["size"]),
+                     channels=inp["channels"], mean=tuple(inp["mean"]), std=tuple(inp["std"]),
+                     target_layer=layers.get("target", "auto"), early_layer=layers.get("early", "auto"),
+                     garbage_class=model_t.get("garbage_class"), module=model, source=path / "spec.toml")
+
+
+def _bundle_id(path: Path) -> str:
+    """Short id of a bundle: sha256 of its manifest (which lists every file's sha256)."""
+    return hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
+def _short(fp: str) -> str:
+    return fp.split(":")[-1][:12]
+
+
+def _toml_bytes(tables: dict[str, dict[str, Any]]) -> bytes:
+    lines = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        for k, v in table.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+        lines.append("")
+    return "\n".join(lines).encode("utf-8")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

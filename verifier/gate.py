@@ -1,0 +1,200 @@
+"""The runtime gate: accept or reject each input at a promised false-rejection rate.
+
+Per batch: decode and preprocess (io) -> one probe pass -> scores against the
+class reference and the garbage head -> conformal p-values -> one decision each.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.combine import merge_bonferroni
+
+from .bundle import Bundle
+from .compare import Comparator, score_family
+from .decision import Decision
+from .probe import Probe, ProbeResult, open_probe
+
+__all__ = ["Gatekeeper", "BatchScores", "STAGES"]
+
+#: stages timed by `Gatekeeper.timings` (seconds, cumulative)
+STAGES = ("decode", "probe", "compare", "decide", "log")
+
+
+@dataclass
+class BatchScores:
+    """Arrays for a batch of n preprocessed images, before they become `Decision`s.
+
+    scores / p_values: {name: (n,)}; p_value: (n,) combined; predicted: (n,) int;
+    confidence: (n,) softmax probability of the predicted class; accept: (n,) bool.
+    """
+
+    result: ProbeResult
+    scores: dict[str, np.ndarray]
+    p_values: dict[str, np.ndarray]
+    p_value: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+    accept: np.ndarray
+    family_p: dict[str, np.ndarray]
+
+
+class Gatekeeper:
+    """Gate inputs with a bundle. `Gatekeeper.load("bundle/").gate(paths_or_array)`."""
+
+    def __init__(self, bundle: Bundle, probe: Probe | None = None, alpha: float | None = None,
+                 batch_size: int = 64) -> None:
+        self.bundle = bundle
+        self.probe = probe if probe is not None else open_probe(bundle.spec)
+        if self.probe.fingerprint != bundle.model_fingerprint and \
+                self.probe.fingerprint not in bundle.compatible_fingerprints.values():
+            raise ValueError("the probe's model is not the model this bundle was built for")
+        self.alpha = float(bundle.alpha if alpha is None else alpha)
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        self.batch_size = int(batch_size)
+        self.comparator = Comparator(bundle.store)
+        self.timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any = None, alpha: float | None = None,
+             device: str | None = None, batch_size: int = 64) -> Gatekeeper:
+        """Load a bundle (verifying checksums and the model fingerprint) and open its probe."""
+        bundle = Bundle.load(path, model=model)
+        return cls(bundle, open_probe(bundle.spec, device=device), alpha=alpha, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ public
+    def gate(self, inputs: Sequence[str | Path] | np.ndarray, log: Any = None,
+             progress: bool = False) -> list[Decision]:
+        """One `Decision` per input: file paths, folders (expanded), or a raw pixel
+        array (N, H, W) / (N, H, W, C). Unreadable inputs become error records.
+        `log` (a `DecisionLog` or a folder) appends the decisions to the Parquet log."""
+        from .io import iter_batches
+
+        decisions: list[Decision] = []
+        bar = _progress(progress, inputs)
+        t0 = time.perf_counter()
+        for records, x in iter_batches(inputs, self.bundle.spec, batch_size=self.batch_size):
+            self.timings["decode"] += time.perf_counter() - t0
+            decisions.extend(self._decide_records(records, x))
+            if bar is not None:
+                bar.update(len(records))
+            t0 = time.perf_counter()
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            t1 = time.perf_counter()
+            self._log(log, decisions)
+            self.timings["log"] += time.perf_counter() - t1
+        return decisions
+
+    def score_batch(self, x: np.ndarray) -> BatchScores:
+        """Scores, p-values and accept/reject for preprocessed (n, C, H, W) float32."""
+        t0 = time.perf_counter()
+        result = self.probe.run(x)
+        t1 = time.perf_counter()
+        scores = self.comparator.score(result)
+        real = result.logits[:, : self.bundle.spec.num_classes]
+        predicted = result.cam_class
+        confidence = _softmax_at(real, predicted)
+        scores["garbage"] = self._garbage_score(result)
+        t2 = time.perf_counter()
+        b = self.bundle
+        p_values = b.calibrator.p_values(scores, predicted)
+        p_value = self._combined(scores, p_values, predicted)
+        accept = p_value > self.alpha
+        family_p = _family_p_values(p_values)
+        self.timings["probe"] += t1 - t0
+        self.timings["compare"] += t2 - t1
+        self.timings["decide"] += time.perf_counter() - t2
+        return BatchScores(result, scores, p_values, p_value, predicted, confidence, accept, family_p)
+
+    # ----------------------------------------------------------------- helpers
+    def _garbage_score(self, result: ProbeResult) -> np.ndarray:
+        g = self.bundle.spec.garbage_class
+        if g is not None:  # the model's own garbage output
+            z = result.logits - result.logits.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            return (e[:, g] / e.sum(axis=1)).astype(np.float64)
+        assert self.bundle.head is not None
+        return self.bundle.head.garbage_probability(result.features)
+
+    def _combined(self, scores: dict[str, np.ndarray], p_values: dict[str, np.ndarray],
+                  predicted: np.ndarray) -> np.ndarray:
+        b = self.bundle
+        if b.combine == "fusion":
+            feats = np.column_stack([scores[n] for n in b.score_names])
+            return b.fusion.p_values(feats, predicted)
+        from calibration.combine import MERGERS
+
+        stacked = np.column_stack([p_values[n] for n in b.score_names])
+        return MERGERS[b.combine](stacked)
+
+    def _decide_records(self, records: list, x: np.ndarray) -> list[Decision]:
+        out: list[Decision] = []
+        batch = self.score_batch(x) if len(x) else None
+        names = self.bundle.classes
+        j = 0
+        for rec in records:
+            if rec.error is not None:
+                out.append(Decision.from_error(rec.source, rec.error, rec.digest))
+                continue
+            assert batch is not None
+            accept = bool(batch.accept[j])
+            out.append(Decision(
+                input=rec.source,
+                decision="accept" if accept else "reject",
+                p_value=float(batch.p_value[j]),
+                predicted_class=names[int(batch.predicted[j])],
+                confidence=float(batch.confidence[j]),
+                reasons=[] if accept else _reasons(batch.family_p, j, self.alpha),
+                scores={k: float(v[j]) for k, v in batch.scores.items()},
+                p_values={k: float(v[j]) for k, v in batch.p_values.items()},
+                digest=rec.digest,
+            ))
+            j += 1
+        return out
+
+    def _log(self, log: Any, decisions: list[Decision]) -> None:
+        from .decision_log import DecisionLog
+
+        target = log if isinstance(log, DecisionLog) else DecisionLog(log)
+        target.append(decisions, bundle_id=self.bundle.bundle_id, alpha=self.alpha)
+
+
+def _family_p_values(p_values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Bonferroni p-value of each family of checks (garbage, attention, early_features)."""
+    fams: dict[str, list[np.ndarray]] = {}
+    for name, p in p_values.items():
+        fams.setdefault(score_family(name), []).append(p)
+    return {f: merge_bonferroni(np.column_stack(ps)) for f, ps in fams.items()}
+
+
+def _reasons(family_p: dict[str, np.ndarray], j: int, alpha: float) -> list[str]:
+    """Families whose own p-value is at or below alpha; the weakest one if none is."""
+    failed = [f for f in ("garbage", "attention", "early_features") if f in family_p and family_p[f][j] <= alpha]
+    if failed:
+        return failed
+    return [min(family_p, key=lambda f: family_p[f][j])]
+
+
+def _softmax_at(logits: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e[np.arange(len(idx)), idx] / e.sum(axis=1)).astype(np.float64)
+
+
+def _progress(enabled: bool, inputs: Iterable) -> Any:
+    if not enabled:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    total = len(inputs) if hasattr(inputs, "__len__") else None
+    return tqdm(total=total, unit="img", desc="gate", disable=not sys.stderr.isatty())
