@@ -38,8 +38,11 @@ class GroupedMoments:
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_b = np.where(n_b[:, None] > 0, (onehot.T @ x) / n_b[:, None], 0.0)
         xc = x - mean_b[groups]  # centred on the batch's own group mean: no cancellation
-        if self.full:
-            m2_b = np.einsum("nk,nc,nd->kcd", onehot, xc, xc, optimize=True)
+        if self.full:  # one (C, N_k) @ (N_k, C) product per class present: BLAS, no per-row loop
+            m2_b = np.zeros((self.num_groups, self.dim, self.dim))
+            for k in np.flatnonzero(n_b):
+                rows = xc[groups == k]
+                m2_b[k] = rows.T @ rows
         else:
             m2_b = onehot.T @ (xc * xc)
         return self._combine(n_b, mean_b, m2_b)
