@@ -67,31 +67,34 @@ class DriftConfig:
     """Alerting policy. Floors are effect sizes a significant test must also reach to alert.
 
     min_rate_excess: absolute excess of a rate over its expectation (rejection rate over alpha,
-      tail exceedance over its calibration rate); None = max(0.01, 2*sqrt(r(1-r)/n_cal)), the
-      calibration's own sampling slack, so a bundle whose realised rate is a little off its
-      nominal rate does not alarm every large night.
+      tail exceedance over its calibration rate).
     min_score_shift: Wasserstein distance between day and calibration scores, in calibration SDs.
-    min_pvalue_shift: one-sided KS distance of the day's combined p-values above Uniform(0,1).
+    min_pvalue_shift: one-sided KS distance of the day's combined p-values above Uniform(0,1);
+      None = max(0.02, 1/sqrt(calibration images per class)): a bundle's finite calibration set
+      bends its p-value distribution by about that much even on clean data.
     min_class_shift: total-variation distance between day and calibration class frequencies.
+    min_class_n / min_class_calibration: a per-class rejection test needs this many decisions of
+      the class that day / calibration images of it (the gate's per-class threshold, default 50).
     """
 
     family_alpha: float = 0.01
     trend_days: int = 14
-    min_rate_excess: float | None = None
+    min_rate_excess: float = 0.01
     min_score_shift: float = 0.10
-    min_pvalue_shift: float = 0.02
+    min_pvalue_shift: float | None = None
     min_class_shift: float = 0.05
     tail_level: float = 0.05
     min_class_n: int = 30
+    min_class_calibration: int = 50
     min_sample: int = 20
     min_expected: float = 5.0
     top_rejected: int = 20
 
-    def rate_floor(self, rate: float, n_calibration: int) -> float:
-        if self.min_rate_excess is not None:
-            return self.min_rate_excess
-        slack = 2.0 * math.sqrt(rate * (1.0 - rate) / max(n_calibration, 1))
-        return max(0.01, slack)
+    def pvalue_floor(self, reference: DriftReference) -> float:
+        if self.min_pvalue_shift is not None:
+            return self.min_pvalue_shift
+        per_class = reference.n_calibration / max(len(reference.classes), 1)
+        return max(0.02, 1.0 / math.sqrt(max(per_class, 1.0)))
 
 
 @dataclass
@@ -203,7 +206,7 @@ def evaluate(sample: DaySample, reference: DriftReference,
     raw: list[dict[str, Any]] = []
     raw += _rejection_tests(sample, reference, config)
     raw += _score_tests(sample, reference, config)
-    raw += _uniformity_test(sample, config)
+    raw += _uniformity_test(sample, reference, config)
     raw += _class_test(sample, reference, config)
     thresholds, significant = holm([r["p_value"] for r in raw], config.family_alpha)
     return [DriftTest(**r, threshold=t, significant=s,
@@ -228,22 +231,37 @@ def holm(p_values: list[float], family_alpha: float) -> tuple[list[float], list[
 
 
 def _rejection_tests(s: DaySample, ref: DriftReference, cfg: DriftConfig) -> list[dict]:
-    floor = cfg.rate_floor(ref.alpha, ref.n_calibration)
-    out = [_binomial("rejection_rate", s.rejected, s.n, ref.alpha, floor)]
+    out = [_rejections("rejection_rate", s.rejected, s.n, ref.alpha, ref.n_calibration,
+                       cfg.min_rate_excess)]
+    # The gate promises alpha per class only where it calibrated per class (enough calibration
+    # images of that class); elsewhere the promise is marginal and a per-class test would be
+    # wrong by design, so it is not run.
+    cal_counts = dict(zip(ref.classes, ref.class_counts().tolist()))
     for cls in sorted(s.per_class):
         n_c, x_c = s.per_class[cls]
-        if n_c >= cfg.min_class_n:
-            out.append(_binomial(f"rejection_rate[{cls}]", x_c, n_c, ref.alpha, floor))
+        m_c = cal_counts.get(cls, 0)
+        if n_c >= cfg.min_class_n and m_c >= cfg.min_class_calibration:
+            out.append(_rejections(f"rejection_rate[{cls}]", x_c, n_c, ref.alpha, m_c,
+                                   cfg.min_rate_excess))
     return out
 
 
-def _binomial(name: str, x: int, n: int, alpha: float, floor: float) -> dict:
-    p = stats.binomtest(int(x), int(n), alpha, alternative="greater").pvalue if n else 1.0
+def _rejections(name: str, x: int, n: int, alpha: float, m: int, floor: float) -> dict:
+    # A conformal gate keeps alpha on average over calibration sets; the rate a given bundle
+    # realises is itself random, ~Beta(alpha(m+1), (1-alpha)(m+1)) for m calibration images.
+    # The count is then Beta-Binomial, which stays valid however many decisions a day has.
+    # The plain exact binomial p-value (no calibration noise) is kept in `detail`.
+    a, b = alpha * (m + 1), (1 - alpha) * (m + 1)
+    p = float(stats.betabinom.sf(int(x) - 1, int(n), a, b)) if n else 1.0
+    p_binom = stats.binomtest(int(x), int(n), alpha, alternative="greater").pvalue if n else 1.0
     rate = x / n if n else 0.0
-    return dict(name=name, family="rejection_rate", method="exact binomial, one-sided (rate > alpha)",
-                statistic=float(x), statistic_name="rejections", p_value=float(p),
+    return dict(name=name, family="rejection_rate",
+                method="beta-binomial (binomial + calibration noise), one-sided (rate > alpha)",
+                statistic=float(x), statistic_name="rejections", p_value=min(1.0, p),
                 effect_size=rate - alpha, effect_size_name="rate_minus_alpha",
-                effect_floor=floor, n=int(n), detail={"rate": rate, "alpha": alpha})
+                effect_floor=floor, n=int(n),
+                detail={"rate": rate, "alpha": alpha, "calibration_size": float(m),
+                        "binomial_p_value": float(p_binom)})
 
 
 def _score_tests(s: DaySample, ref: DriftReference, cfg: DriftConfig) -> list[dict]:
@@ -288,12 +306,12 @@ def _tail_test(name: str, day: np.ndarray, cal: np.ndarray, higher_is_worse: boo
                 method="beta-binomial exceedance of the calibration tail, one-sided",
                 statistic=float(x), statistic_name="exceedances", p_value=min(1.0, p),
                 effect_size=x / n - expected, effect_size_name="exceedance_rate_minus_expected",
-                effect_floor=cfg.rate_floor(expected, m), n=n,
+                effect_floor=cfg.min_rate_excess, n=n,
                 detail={"threshold_score": float(sign * cut), "expected_rate": expected,
                         "rate": x / n})
 
 
-def _uniformity_test(s: DaySample, cfg: DriftConfig) -> list[dict]:
+def _uniformity_test(s: DaySample, ref: DriftReference, cfg: DriftConfig) -> list[dict]:
     # Conformal p-values are super-uniform (P(p <= t) <= t, on a grid), so only a surplus of
     # small p-values is evidence of drift: test that one side only; the test stays valid.
     p = s.p_values
@@ -305,7 +323,7 @@ def _uniformity_test(s: DaySample, cfg: DriftConfig) -> list[dict]:
                  method="one-sample Kolmogorov-Smirnov vs Uniform(0,1), one-sided (p-values too small)",
                  statistic=float(ks.statistic), statistic_name="ks_distance_above_uniform",
                  p_value=float(ks.pvalue), effect_size=float(ks.statistic),
-                 effect_size_name="ks_distance_above_uniform", effect_floor=cfg.min_pvalue_shift,
+                 effect_size_name="ks_distance_above_uniform", effect_floor=cfg.pvalue_floor(ref),
                  n=len(p), detail={"wasserstein_to_uniform": float(stats.wasserstein_distance(p, grid)),
                                    "median_p_value": float(np.median(p))})]
 

@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write the JSON result here")
     p.add_argument("--family-alpha", type=float, default=0.01,
                    help="family-wise false-alarm rate per night, Holm-corrected (0.01)")
-    p.add_argument("--min-rate-excess", type=float, default=None,
-                   help="effect floor for rate tests, absolute (default: calibration slack, >= 0.01)")
+    p.add_argument("--min-rate-excess", type=float, default=0.01,
+                   help="effect floor for rate tests: absolute excess over the expected rate (0.01)")
     p.add_argument("--min-score-shift", type=float, default=0.10,
                    help="effect floor for score tests: Wasserstein distance in calibration SDs (0.1)")
     p.add_argument("--min-class-shift", type=float, default=0.05,
