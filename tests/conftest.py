@@ -1,0 +1,51 @@
+"""Shared fixtures: real MNIST splits and small CNNs trained once per test session on the CPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+#: the 5,000 real digits are split once: model training/reference, calibration, test pool
+TRAIN, CAL = slice(0, 3000), slice(3000, 3600)
+POOL = slice(3600, 5000)
+
+
+@pytest.fixture(scope="session")
+def mnist() -> tuple[np.ndarray, np.ndarray]:
+    from verifier.datasets import load_mnist
+
+    return load_mnist()
+
+
+def _train(mnist, head: str, seed: int, epochs: int = 4):
+    from verifier.zoo import SmallCNN, train_classifier
+
+    x, y = mnist
+    torch.manual_seed(seed)
+    return train_classifier(SmallCNN(head=head), x[TRAIN], y[TRAIN], epochs=epochs, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def gap_model(mnist):
+    """SmallCNN with a global-average-pooling head, trained on 3,000 real digits."""
+    return _train(mnist, "gap", seed=0)
+
+
+@pytest.fixture(scope="session")
+def fc_model(mnist):
+    """SmallCNN with a flatten + fully-connected head, trained on the same digits."""
+    return _train(mnist, "fc", seed=0, epochs=2)
+
+
+@pytest.fixture(scope="session")
+def gap_bundle(tmp_path_factory, mnist, gap_model):
+    """A bundle for `gap_model` built through the Python API (reference = training digits)."""
+    from verifier.builder import build_bundle
+    from verifier.zoo import mnist_spec
+
+    x, y = mnist
+    out = tmp_path_factory.mktemp("bundle") / "gap"
+    build_bundle(mnist_spec(gap_model), (x[TRAIN], y[TRAIN]), out, calibration=(x[CAL], y[CAL]), seed=0)
+    return out
