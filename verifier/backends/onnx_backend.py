@@ -24,7 +24,7 @@ GRADIENT_METHODS = ("auto", "exact-gap-linear", "finite-difference")
 OPSET = 17
 #: finite-difference step relative to the RMS of each image's target activation, by the
 #: precision the tail runs in (float64 where onnxruntime has float64 kernels for every tail op)
-DEFAULT_REL_EPS = {"float64": 1e-4, "float32": 3e-3}
+DEFAULT_REL_EPS = {"float64": 1e-6, "float32": 3e-3}
 #: most float32 elements one finite-difference chunk feeds the tail (about 256 MiB)
 _FD_CHUNK_ELEMENTS = 1 << 26
 

@@ -138,7 +138,8 @@ def resolve_layer(info: GraphInfo, name: str, role: str) -> str:
     """A tensor name for `name`: a tensor, a node (its first output), or a torch module path.
 
     A torch module path such as `features.8` matches the nodes the exporter scoped
-    under it (`/features/features.8/Relu`); the last of them gives the tensor.
+    under it (`/features/features.8/Relu` for an nn.Module, `/features/8/Relu` for a
+    ScriptModule); the last of them gives the tensor.
     Raises ProbeError listing the 4-D candidates when nothing matches or the tensor
     is not 4-D with spatial extent.
     """
@@ -148,7 +149,7 @@ def resolve_layer(info: GraphInfo, name: str, role: str) -> str:
     else:
         node = next((n for n in info.nodes if n.name == name), None)
         if node is None:
-            scoped = [n for n in info.nodes if name in n.name.split("/")[:-1]]
+            scoped = [n for n in info.nodes if _in_scope(n.name, name)]
             node = scoped[-1] if scoped else None
         if node is not None:
             tensor = node.output[0]
@@ -279,6 +280,14 @@ def _describe_candidates(info: GraphInfo) -> str:
     return ", ".join(f"{c} {list(info.shape(c) or [])}" for c in cands)
 
 
+def _in_scope(node_name: str, module_path: str) -> bool:
+    scope = node_name.split("/")[1:-1]
+    if module_path in scope:
+        return True
+    parts = module_path.split(".")
+    return any(scope[i:i + len(parts)] == parts for i in range(len(scope) - len(parts) + 1))
+
+
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     for a in node.attribute:
         if a.name == "value":
@@ -388,8 +397,9 @@ def to_double(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` computing in float64 where it computed in float32.
 
     Float initializers, Constant nodes, Cast/ConstantOfShape targets and graph
-    input/output types are switched; the caller must check onnxruntime has float64
-    kernels for every op (session creation fails otherwise).
+    input/output types are switched, and GlobalAveragePool (no float64 kernel in
+    onnxruntime) becomes the equal ReduceMean over axes 2, 3; the caller must check
+    onnxruntime has float64 kernels for every other op (session creation fails otherwise).
     """
     f32, f64 = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
     out = onnx.ModelProto()
@@ -399,7 +409,11 @@ def to_double(model: onnx.ModelProto) -> onnx.ModelProto:
         if t.data_type == f32:
             g.initializer[i].CopyFrom(numpy_helper.from_array(
                 numpy_helper.to_array(t).astype(np.float64), t.name))
-    for node in g.node:
+    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 17)
+    for i, node in enumerate(g.node):
+        if node.op_type == "GlobalAveragePool":
+            g.node[i].CopyFrom(_reduce_mean_23(node, g, opset))
+            continue
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == f32:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64),
@@ -413,3 +427,14 @@ def to_double(model: onnx.ModelProto) -> onnx.ModelProto:
             vi.type.tensor_type.elem_type = f64
     del g.value_info[:]
     return out
+
+
+def _reduce_mean_23(node: onnx.NodeProto, g: onnx.GraphProto, opset: int) -> onnx.NodeProto:
+    """ReduceMean over axes (2, 3) with keepdims, replacing a GlobalAveragePool node."""
+    if opset < 18:
+        return helper.make_node("ReduceMean", [node.input[0]], list(node.output),
+                                name=node.name, axes=[2, 3], keepdims=1)
+    axes = node.name + "_axes_23"
+    g.initializer.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), axes))
+    return helper.make_node("ReduceMean", [node.input[0], axes], list(node.output),
+                            name=node.name, keepdims=1)
