@@ -274,7 +274,93 @@ def test_svg_charts_are_well_formed_and_escape_labels() -> None:
 
 
 # -- on logs of the real gate -----------------------------------------------------------
-def test_real_gate_logs() -> None:
-    pytest.importorskip("verifier.gate", reason="verifier.gate has not landed yet")
-    pytest.importorskip("verifier.bundle", reason="verifier.bundle has not landed yet")
-    pytest.skip("TODO: real-gate drift tests once Gatekeeper and Bundle are in the repo")
+@pytest.fixture(scope="module")
+def real_gate_log(tmp_path_factory, mnist, gap_model):
+    """Real decisions: the ONNX-exported MNIST CNN's bundle gates 1,400 held-out digits and
+    real OOD images (photos, textures, DICOM slices, noise) once; days are resampled from them."""
+    from verifier.backends.onnx_backend import export_onnx
+    from verifier.builder import build_bundle
+    from verifier.datasets import ood_images
+    from verifier.gate import Gatekeeper
+    from verifier.spec import load_spec
+    from verifier.zoo import mnist_spec
+
+    x, y = mnist
+    tmp = tmp_path_factory.mktemp("realgate")
+    export_onnx(gap_model, mnist_spec(gap_model), tmp / "model.onnx")
+    classes = ", ".join(f'"{i}"' for i in range(10))
+    (tmp / "model.toml").write_text(
+        f'[model]\npath = "model.onnx"\nclasses = [{classes}]\n'
+        "[input]\nsize = [28, 28]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n")
+    build_bundle(load_spec(tmp / "model.toml"), (x[:3000], y[:3000]), tmp / "bundle",
+                 calibration=(x[3000:3600], y[3000:3600]), seed=0)
+    gate = Gatekeeper.load(tmp / "bundle")
+    clean = gate.gate(x[3600:5000])
+    ood = gate.gate(np.concatenate([ood_images(s, 60, seed=1)
+                                    for s in ("photos", "textures", "dicom", "noise")]))
+    rng = np.random.default_rng(0)
+    log = DecisionLog(tmp / "log")
+    bid = gate.bundle.bundle_id
+
+    def day(d: date, n: int = 1000, ood_share: float = 0.0, digits=None) -> None:
+        pool = clean if digits is None else [c for c, lab in zip(clean, y[3600:5000])
+                                             if lab in digits]
+        k = int(round(n * ood_share))
+        rows = [pool[i] for i in rng.integers(0, len(pool), n - k)]
+        rows += [ood[i] for i in rng.integers(0, len(ood), k)]
+        t0 = datetime.combine(d, time(1), timezone.utc)
+        log.append(rows, bundle_id=bid, alpha=gate.alpha,
+                   time=[t0 + timedelta(seconds=60 * i) for i in range(n)])
+
+    for k in range(4):
+        day(DAY - timedelta(days=k))
+    day(DAY + timedelta(days=1), ood_share=0.05)
+    day(DAY + timedelta(days=2), digits={0, 1, 7})
+    (tmp / "log" / "date=2024-05-10").mkdir()  # a day folder with no part file: "empty day"
+    return tmp, log, clean, ood
+
+
+def _real(tmp: Path, log: DecisionLog, day: date) -> tuple[int, dict]:
+    out = tmp / f"real-{day}.json"
+    rc = main(["drift", "--bundle", str(tmp / "bundle"), "--log", str(log.root),
+               "--day", day.isoformat(), "--json", str(out), "--report", str(tmp / f"{day}.html")])
+    return rc, (json.loads(out.read_text()) if out.exists() else {})
+
+
+def test_real_gate_clean_days_raise_no_alert(real_gate_log) -> None:
+    tmp, log, clean, ood = real_gate_log
+    assert np.mean([d.decision == "reject" for d in ood]) > 0.5  # the gate does see the OOD
+    for k in range(4):
+        rc, res = _real(tmp, log, DAY - timedelta(days=k))
+        assert rc == 0 and res["alert"] is False, res["reasons"]
+        assert {t["family"] for t in res["tests"]} >= {
+            "rejection_rate", "score_distribution", "p_value_uniformity", "class_frequency"}
+
+
+def test_real_gate_ood_day_names_rejection_rate_and_scores(real_gate_log) -> None:
+    tmp, log, _, _ = real_gate_log
+    rc, res = _real(tmp, log, DAY + timedelta(days=1))
+    fired = {t["family"] for t in res["tests"] if t["alert"]}
+    assert rc == 1 and "rejection_rate" in fired, res["reasons"]
+    assert fired & {"score_distribution", "score_tail"}, res["reasons"]
+
+
+def test_real_gate_class_mix_shift_raises_class_alert(real_gate_log) -> None:
+    tmp, log, _, _ = real_gate_log
+    rc, res = _real(tmp, log, DAY + timedelta(days=2))
+    assert rc == 1 and "class_frequency" in {t["name"] for t in res["tests"] if t["alert"]}
+
+
+def test_real_gate_empty_day_and_corrupt_part_exit_2(real_gate_log, capsys) -> None:
+    tmp, log, _, _ = real_gate_log
+    rc, _ = _real(tmp, log, date(2024, 5, 10))
+    assert rc == 2 and "no decisions logged on 2024-05-10" in capsys.readouterr().err
+    bad = log.root / f"date={DAY - timedelta(days=3)}" / "part-0-truncated.parquet"
+    good = next((log.root / f"date={DAY - timedelta(days=3)}").glob("part-*.parquet"))
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # a torn copy
+    try:
+        rc, _ = _real(tmp, log, DAY - timedelta(days=3))
+        err = capsys.readouterr().err
+        assert rc == 2 and "part-0-truncated.parquet" in err and "Traceback" not in err
+    finally:
+        bad.unlink()

@@ -75,6 +75,7 @@ class DriftConfig:
     min_class_shift: total-variation distance between day and calibration class frequencies.
     min_class_n / min_class_calibration: a per-class rejection test needs this many decisions of
       the class that day / calibration images of it (the gate's per-class threshold, default 50).
+    min_history: decisions the previous days of the trend window need for the day-vs-history test.
     """
 
     family_alpha: float = 0.01
@@ -86,6 +87,7 @@ class DriftConfig:
     tail_level: float = 0.05
     min_class_n: int = 30
     min_class_calibration: int = 50
+    min_history: int = 1000
     min_sample: int = 20
     min_expected: float = 5.0
     top_rejected: int = 20
@@ -200,11 +202,17 @@ class DriftReport:
 
 
 # -- the tests ----------------------------------------------------------------------------
-def evaluate(sample: DaySample, reference: DriftReference,
-             config: DriftConfig = DriftConfig()) -> list[DriftTest]:
-    """Run the night's family of tests on `sample` and apply Holm at `config.family_alpha`."""
+def evaluate(sample: DaySample, reference: DriftReference, config: DriftConfig = DriftConfig(),
+             history: tuple[int, int] | None = None) -> list[DriftTest]:
+    """Run the night's family of tests on `sample` and apply Holm at `config.family_alpha`.
+
+    history: (decisions, rejections) of the previous days of the trend window, same bundle;
+    with at least `config.min_history` decisions it adds the day-vs-history rejection test.
+    """
     raw: list[dict[str, Any]] = []
     raw += _rejection_tests(sample, reference, config)
+    if history is not None and history[0] >= config.min_history:
+        raw.append(_vs_history(sample, history, config))
     raw += _score_tests(sample, reference, config)
     raw += _uniformity_test(sample, reference, config)
     raw += _class_test(sample, reference, config)
@@ -262,6 +270,21 @@ def _rejections(name: str, x: int, n: int, alpha: float, m: int, floor: float) -
                 effect_floor=floor, n=int(n),
                 detail={"rate": rate, "alpha": alpha, "calibration_size": float(m),
                         "binomial_p_value": float(p_binom)})
+
+
+def _vs_history(s: DaySample, history: tuple[int, int], cfg: DriftConfig) -> dict:
+    # The bundle's own realised rejection rate, learnt from the previous days, is free of the
+    # calibration noise that makes the test against alpha weak for small calibration sets.
+    nh, xh = int(history[0]), int(history[1])
+    table = [[s.rejected, s.n - s.rejected], [xh, nh - xh]]
+    p = float(stats.fisher_exact(table, alternative="greater").pvalue)
+    rate, base = s.rejected / s.n, xh / nh
+    return dict(name="rejection_rate_vs_history", family="rejection_rate",
+                method="Fisher exact, one-sided (day rate > previous days' rate)",
+                statistic=float(s.rejected), statistic_name="rejections", p_value=p,
+                effect_size=rate - base, effect_size_name="rate_minus_history_rate",
+                effect_floor=cfg.min_rate_excess, n=s.n,
+                detail={"rate": rate, "history_rate": base, "history_decisions": float(nh)})
 
 
 def _score_tests(s: DaySample, ref: DriftReference, cfg: DriftConfig) -> list[dict]:
@@ -463,13 +486,16 @@ def drift_report(log: DecisionLog, reference: DriftReference, day: date | None =
         hint = f"latest logged day: {have[-1]}" if have else "the log holds no decisions"
         raise DriftError(f"no decisions logged on {day} under {log.root} ({hint})")
     sample = load_day(log, day, reference)
+    trend = load_trend(log, day, config.trend_days, reference)
+    before = [p for p in trend if p.day < day]
+    history = (sum(p.n for p in before), sum(p.rejected for p in before)) if before else None
     notes = [f"score {n!r} of the calibration reference is not in the day's log"
              for n in sorted(set(reference.calibration_scores) - set(sample.scores))]
     if sample.errors:
         notes.append(f"{sample.errors} inputs could not be read or probed (counted as rejects)")
     return DriftReport(day=day, n=sample.n, bundle_id=reference.bundle_id, alpha=reference.alpha,
-                       config=config, tests=evaluate(sample, reference, config),
-                       trend=load_trend(log, day, config.trend_days, reference),
+                       config=config, tests=evaluate(sample, reference, config, history),
+                       trend=trend,
                        most_rejected=load_most_rejected(log, day, reference, config.top_rejected),
                        notes=notes, sample=sample, reference=reference)
 
@@ -574,7 +600,10 @@ def _column(con: duckdb.DuckDBPyConnection, col: str, bundle_id: str) -> np.ndar
 
 def _reason(t: DriftTest, alpha: float) -> str:
     d = t.detail
-    if t.family == "rejection_rate":
+    if t.name == "rejection_rate_vs_history":
+        what = (f"{t.name}: {d['rate']:.1%} rejected vs {d['history_rate']:.1%} over the "
+                f"previous {int(d['history_decisions'])} decisions")
+    elif t.family == "rejection_rate":
         what = f"{t.name}: {d['rate']:.1%} rejected ({int(t.statistic)}/{t.n}) vs alpha {alpha:.1%}"
     elif t.family == "score_distribution":
         what = (f"{t.name}: distribution shifted by {t.effect_size:.2f} calibration SD "
