@@ -6,6 +6,7 @@ that requires grad, gradient read at a forward-hooked layer.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +190,7 @@ def test_skip_connection_feeds_the_tail_as_side_input(tmp_path, batch, relu_skip
     limit), so that case is held to a looser bound.
     """
     x, y = load_mnist()
-    model = train_classifier(Residual(relu_skip), x[:1000], y[:1000], epochs=1)
+    model = train_classifier(Residual(relu_skip), x[:600], y[:600], epochs=1)
     path = export_onnx(model, mnist_spec(model), tmp_path / "res.onnx")
     probe = OnnxProbe(file_spec(path, target_layer="body.1", early_layer="stem.1"))
     assert probe.gradient_method == "finite-difference" and probe._side
@@ -286,3 +287,46 @@ def test_export_restores_training_mode(tmp_path):
     export_onnx(model, mnist_spec(model), tmp_path / "m.onnx")
     assert model.training
     onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")))
+
+
+@pytest.mark.parametrize("head", ["gap", "fc"])
+def test_parity_with_torch_probe(models, batch, head):
+    """The two backends on the same trained model: same layers' numbers, same maps."""
+    from verifier.backends.torch_backend import TorchProbe
+
+    model, path = models[head]
+    t = TorchProbe(mnist_spec(model)).run(batch.numpy())
+    o = OnnxProbe(file_spec(path)).run(batch.numpy())
+    np.testing.assert_allclose(o.logits, t.logits, atol=1e-4)
+    np.testing.assert_allclose(o.features, t.features, atol=1e-4)
+    np.testing.assert_array_equal(o.cam_class, t.cam_class)
+    np.testing.assert_allclose(o.early_map, t.early_map, atol=1e-4)
+    np.testing.assert_allclose(o.early_stats, t.early_stats, atol=1e-4)
+    assert cosine(o.cam, t.cam).min() >= 0.999
+
+
+def test_parity_with_torch_probe_garbage_output_and_no_linear_layer(tmp_path, batch):
+    """A fully convolutional net (no Linear: features = spatial mean of the Grad-CAM layer)
+    whose last output is a garbage class the default CAM class must skip."""
+    from verifier.backends.torch_backend import TorchProbe
+
+    x, y = load_mnist()
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 11, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = train_classifier(model, x[:600], y[:600], epochs=1)
+    spec = ModelSpec(classes=tuple(str(i) for i in range(11)), size=(28, 28), mean=(0.1307,),
+                     std=(0.3081,), garbage_class=3, module=model)
+    path = export_onnx(model, spec, tmp_path / "fcn.onnx")
+    for target, method in (("auto", "exact-gap-linear"), ("4", "finite-difference")):
+        # auto: the 1x1 conv's output (last spatial tensor), then GAP: exact;
+        # "4": the ReLU before it, whose tail holds a Conv: float32 finite differences
+        probe = OnnxProbe(file_spec(path, classes=11, garbage_class=3, target_layer=target))
+        assert probe.features_name is None and probe.gradient_method == method
+        t = TorchProbe(replace(spec, target_layer=target)).run(batch.numpy())
+        o = probe.run(batch.numpy())
+        assert not (o.cam_class == 3).any()
+        np.testing.assert_array_equal(o.cam_class, t.cam_class)
+        np.testing.assert_allclose(o.logits, t.logits, atol=1e-4)
+        np.testing.assert_allclose(o.features, t.features, atol=1e-4)
+        assert cosine(o.cam, t.cam).min() >= 0.999

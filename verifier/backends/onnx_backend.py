@@ -87,8 +87,10 @@ class OnnxProbe:
             self.gradient_method = "exact-gap-linear"
         self.rel_eps = float(rel_eps if rel_eps is not None
                              else DEFAULT_REL_EPS[self.tail_precision])
-        self._fetch = [self.logits_name, self.features_name, self.target_layer,
-                       self.early_layer, *self._side]
+        wanted = [self.logits_name, self.features_name or self.target_layer,
+                  self.target_layer, self.early_layer, *self._side]
+        self._fetch = list(dict.fromkeys(wanted))  # a tensor can play two roles
+        self._slots = [self._fetch.index(w) for w in wanted]
         self._session = _session(og.with_outputs(model, self._fetch, info), self.providers,
                                  "model")
         self.target_shape = info.shape(self.target_layer)
@@ -105,13 +107,19 @@ class OnnxProbe:
                 f"{self._session.get_providers()[0]}: Grad-CAM layer {self.target_layer!r} "
                 f"{list(self.target_shape or [])} ({'auto' if self._target_auto else 'named'}), "
                 f"early layer {self.early_layer!r} {list(self.early_shape or [])} "
-                f"({'auto' if self._early_auto else 'named'}), features {self.features_name!r}; "
+                f"({'auto' if self._early_auto else 'named'}), features "
+                f"{self.features_name or 'spatial mean of the Grad-CAM layer'!r}; "
                 f"gradient method {self.gradient_method}: {how[self.gradient_method]}.")
 
     def run(self, x: np.ndarray, classes: np.ndarray | None = None) -> ProbeResult:
-        """One batched pass over float32 (N, C, H, W); `classes` (N,) picks each CAM's class."""
+        """One batched pass over float32 (N, C, H, W); `classes` (N,) picks each CAM's class.
+
+        By default each map explains the argmax over the spec's real classes (the
+        garbage output excluded), as the torch backend does.
+        """
         x = self._check_batch(x)
-        outs = self._session.run(self._fetch, {self.input_name: x})
+        got = self._session.run(self._fetch, {self.input_name: x})
+        outs = [got[i] for i in self._slots]
         logits, feats, act, early = (np.asarray(o, dtype=np.float32) for o in outs[:4])
         side = outs[4:]
         n = x.shape[0]
@@ -126,7 +134,8 @@ class OnnxProbe:
         cam = np.maximum(np.einsum("nk,nkhw->nhw", alpha, act.astype(np.float64)), 0.0)
         return ProbeResult(
             logits=logits,
-            features=feats.reshape(n, -1),
+            features=(feats.reshape(n, -1) if self.features_name
+                      else act.mean(axis=(2, 3), dtype=np.float64).astype(np.float32)),
             cam=cam.astype(np.float32),
             cam_class=cls,
             early_map=np.abs(early).mean(axis=1).astype(np.float32),
@@ -144,8 +153,13 @@ class OnnxProbe:
         return x
 
     def _classes(self, logits: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
+        """Requested classes, else the argmax over the real classes (garbage output excluded)."""
         if classes is None:
-            return logits.argmax(axis=1).astype(np.int64)
+            real = logits[:, :self.spec.num_classes].copy()
+            g = self.spec.garbage_class
+            if g is not None and g < self.spec.num_classes:
+                real[:, g] = -np.inf
+            return real.argmax(axis=1).astype(np.int64)
         cls = np.asarray(classes, dtype=np.int64).reshape(-1)
         if cls.shape[0] != logits.shape[0] or cls.min() < 0 or cls.max() >= logits.shape[1]:
             raise ProbeError(f"classes must be {logits.shape[0]} indices in [0, "

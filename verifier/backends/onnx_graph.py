@@ -119,13 +119,22 @@ def auto_target(info: GraphInfo) -> str:
     return cands[-1]
 
 
+def auto_target_first(info: GraphInfo) -> str:
+    """The first 4-D tensor (h*w > 1) on the path to the logits."""
+    cands = spatial_candidates(info)
+    if not cands:
+        raise ProbeError("the model has no spatial layer (no 4-D tensor with height*width > 1 "
+                         "on the path to the logits): Grad-CAM needs an image CNN")
+    return cands[0]
+
+
 def auto_early(info: GraphInfo) -> str:
-    """The first Conv's output, advanced through directly following BatchNorm/activation nodes."""
+    """The first Conv's output, advanced through directly following BatchNorm/activation nodes
+    (the first spatial tensor when the model has no Conv)."""
     conv = next((n for n in info.nodes if n.op_type == "Conv" and n.output[0] in info.ancestors),
                 None)
-    if conv is None:
-        raise ProbeError("the model has no Conv node on the path to the logits: "
-                         "name an early layer explicitly")
+    if conv is None:  # as the torch backend: the first spatial tensor
+        return auto_target_first(info)
     name = conv.output[0]
     while True:
         cons = info.relevant_consumers(name)
@@ -166,15 +175,15 @@ def resolve_layer(info: GraphInfo, name: str, role: str) -> str:
     return tensor
 
 
-def features_tensor(info: GraphInfo) -> str:
-    """The data input of the last Gemm/MatMul on the path to the logits (penultimate features)."""
+def features_tensor(info: GraphInfo) -> str | None:
+    """The data input of the last Gemm/MatMul on the path to the logits (penultimate
+    features), or None when there is none (the caller then uses the target's spatial mean)."""
     for node in reversed(info.nodes):
         if node.op_type in ("Gemm", "MatMul") and node.output[0] in info.ancestors:
             data = [i for i in node.input[:2] if i not in info.constants]
             if data:
                 return data[0]
-    raise ProbeError("the model has no Gemm/MatMul (linear) layer before the logits: "
-                     "penultimate features are undefined")
+    return None
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str],
