@@ -1,0 +1,87 @@
+"""The command line on a file-based bundle: build from PNG folders, gate --json/--log, exit codes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from verifier.cli import main
+from verifier.io import save_dataset
+from verifier.zoo import mnist_spec
+
+from conftest import CAL, POOL, TRAIN
+
+FIELDS = {"input", "decision", "p_value", "predicted_class", "confidence", "reasons", "scores",
+          "p_values", "error"}
+
+
+@pytest.fixture(scope="module")
+def cli_bundle(tmp_path_factory, mnist, gap_model):
+    from verifier.backends.onnx_backend import export_onnx
+
+    root = tmp_path_factory.mktemp("cli")
+    export_onnx(gap_model, mnist_spec(gap_model), root / "model.onnx")
+    (root / "model.toml").write_text(
+        '[model]\npath = "model.onnx"\nclasses = ["0","1","2","3","4","5","6","7","8","9"]\n'
+        "[input]\nsize = [28, 28]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n")
+    x, y = mnist
+    classes = [str(i) for i in range(10)]
+    save_dataset(x[TRAIN][:1500], y[TRAIN][:1500], classes, root / "ref")
+    save_dataset(x[CAL], y[CAL], classes, root / "cal")
+    code = main(["build", "--spec", str(root / "model.toml"), "--data", str(root / "ref"),
+                 "--calibration", str(root / "cal"), "--out", str(root / "bundle")])
+    assert code == 0
+    return root
+
+
+def test_gate_json_lines(cli_bundle, mnist, capsys, tmp_path):
+    folder = tmp_path / "in"
+    save_dataset(mnist[0][POOL][:20], mnist[1][POOL][:20], [str(i) for i in range(10)], folder)
+    (folder / "broken.png").write_bytes(b"not an image")
+    capsys.readouterr()
+    code = main(["gate", "--bundle", str(cli_bundle / "bundle"), str(folder), "--json",
+                 "--log", str(tmp_path / "log")])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 21
+    assert all(set(d) == FIELDS for d in lines)
+    broken = [d for d in lines if d["input"].endswith("broken.png")][0]
+    assert broken["error"] and broken["decision"] == "reject"
+    ok = [d for d in lines if d["error"] is None]
+    assert all(d["decision"] in ("accept", "reject") and 0 < d["p_value"] <= 1 for d in ok)
+    assert sum(d["decision"] == "accept" for d in ok) >= 16
+    files = list((tmp_path / "log").glob("date=*/part-*.parquet"))
+    assert files and sum(pq.read_table(f).num_rows for f in files) == 21
+
+
+def test_alpha_override_changes_decisions(cli_bundle, mnist, capsys, tmp_path):
+    folder = tmp_path / "in"
+    save_dataset(mnist[0][POOL][:40], mnist[1][POOL][:40], [str(i) for i in range(10)], folder)
+    rates = []
+    for alpha in ("0.01", "0.5"):
+        capsys.readouterr()
+        assert main(["gate", "--bundle", str(cli_bundle / "bundle"), str(folder), "--json", "--alpha", alpha]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        rates.append(np.mean([d["decision"] == "reject" for d in lines]))
+    assert rates[0] < rates[1]
+
+
+def test_errors_exit_2(cli_bundle, tmp_path, capsys):
+    assert main(["gate", "--bundle", str(tmp_path / "nope"), str(tmp_path)]) == 2
+    assert "no verifier-bundle" in capsys.readouterr().err
+    (tmp_path / "bad.toml").write_text("[model]\n")
+    assert main(["build", "--spec", str(tmp_path / "bad.toml"), "--data", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "model.path" in capsys.readouterr().err
+
+
+def test_help_teaches():
+    out = subprocess.run([sys.executable, "-m", "verifier.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("demo", "build", "gate", "audit", "drift"):
+        assert cmd in out.stdout
+    out = subprocess.run([sys.executable, "-m", "verifier.cli", "gate", "--help"], capture_output=True, text=True)
+    assert "--bundle" in out.stdout and "--json" in out.stdout and "Exit code" in out.stdout
