@@ -276,7 +276,7 @@ def test_svg_charts_are_well_formed_and_escape_labels() -> None:
 # -- on logs of the real gate -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_gate_log(tmp_path_factory, mnist, gap_model):
-    """Real decisions: the ONNX-exported MNIST CNN's bundle gates 1,400 held-out digits and
+    """Real decisions: the ONNX-exported MNIST CNN's bundle gates 800 held-out digits and 120
     real OOD images (photos, textures, DICOM slices, noise) once; days are resampled from them."""
     from verifier.backends.onnx_backend import export_onnx
     from verifier.builder import build_bundle
@@ -295,15 +295,15 @@ def real_gate_log(tmp_path_factory, mnist, gap_model):
     build_bundle(load_spec(tmp / "model.toml"), (x[:3000], y[:3000]), tmp / "bundle",
                  calibration=(x[3000:3600], y[3000:3600]), seed=0)
     gate = Gatekeeper.load(tmp / "bundle")
-    clean = gate.gate(x[3600:5000])
-    ood = gate.gate(np.concatenate([ood_images(s, 60, seed=1)
+    clean = gate.gate(x[3600:4400])
+    ood = gate.gate(np.concatenate([ood_images(s, 30, seed=1)
                                     for s in ("photos", "textures", "dicom", "noise")]))
     rng = np.random.default_rng(0)
     log = DecisionLog(tmp / "log")
     bid = gate.bundle.bundle_id
 
     def day(d: date, n: int = 1000, ood_share: float = 0.0, digits=None) -> None:
-        pool = clean if digits is None else [c for c, lab in zip(clean, y[3600:5000])
+        pool = clean if digits is None else [c for c, lab in zip(clean, y[3600:4400])
                                              if lab in digits]
         k = int(round(n * ood_share))
         rows = [pool[i] for i in rng.integers(0, len(pool), n - k)]
@@ -327,6 +327,7 @@ def _real(tmp: Path, log: DecisionLog, day: date) -> tuple[int, dict]:
     return rc, (json.loads(out.read_text()) if out.exists() else {})
 
 
+@pytest.mark.slow
 def test_real_gate_clean_days_raise_no_alert(real_gate_log) -> None:
     tmp, log, clean, ood = real_gate_log
     assert np.mean([d.decision == "reject" for d in ood]) > 0.5  # the gate does see the OOD
@@ -337,6 +338,7 @@ def test_real_gate_clean_days_raise_no_alert(real_gate_log) -> None:
             "rejection_rate", "score_distribution", "p_value_uniformity", "class_frequency"}
 
 
+@pytest.mark.slow
 def test_real_gate_ood_day_names_rejection_rate_and_scores(real_gate_log) -> None:
     tmp, log, _, _ = real_gate_log
     rc, res = _real(tmp, log, DAY + timedelta(days=1))
@@ -345,12 +347,14 @@ def test_real_gate_ood_day_names_rejection_rate_and_scores(real_gate_log) -> Non
     assert fired & {"score_distribution", "score_tail"}, res["reasons"]
 
 
+@pytest.mark.slow
 def test_real_gate_class_mix_shift_raises_class_alert(real_gate_log) -> None:
     tmp, log, _, _ = real_gate_log
     rc, res = _real(tmp, log, DAY + timedelta(days=2))
     assert rc == 1 and "class_frequency" in {t["name"] for t in res["tests"] if t["alert"]}
 
 
+@pytest.mark.slow
 def test_real_gate_empty_day_and_corrupt_part_exit_2(real_gate_log, capsys) -> None:
     tmp, log, _, _ = real_gate_log
     rc, _ = _real(tmp, log, date(2024, 5, 10))
