@@ -1,0 +1,629 @@
+"""Pre-deployment model audit: does a candidate model look where the trusted reference looks?
+
+`audit(bundle, candidate, data)` probes the bundle's reference model and the candidate on the
+same labelled images and returns an `AuditResult` (verdict, checks with figures, thresholds
+and reasons). Thresholds come from the reference's own variability; see docs/audit.md.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reference_maps.canonical import normalise_max, resize_maps, to_grid
+
+from .builder import LabelledData
+from .bundle import Bundle
+from .compare import ATTENTION_MEASURES
+from .measures import compare_maps, measure_direction
+from .probe import Probe, open_probe
+from .spec import ModelSpec
+
+__all__ = ["audit", "write_html", "AuditResult", "Check", "AuditEvidence", "AuditError",
+           "CHECK_NAMES", "AUDIT_FORMAT_VERSION"]
+
+AUDIT_FORMAT_VERSION = 1
+
+#: every check an audit can run, in report order
+CHECK_NAMES = ("attention_per_image", "attention_per_class", "early_per_image", "early_per_class",
+               "early_channel_statistics", "accuracy", "garbage_rejection",
+               "regions_attention_mass", "regions_pointing_game")
+
+#: a candidate's early channels count as corresponding to the reference's when at least this
+#: share of them has its best-correlated reference channel at the same index
+CHANNEL_MATCH_SHARE = 0.9
+
+
+class AuditError(ValueError):
+    """The audit cannot run as asked (class mismatch, no readable image, bad mask); says why."""
+
+
+@dataclass
+class Check:
+    """One audit check. `passed` is None when the check was skipped (`reason` says why).
+
+    figure and threshold are the numbers compared (`figure >= threshold` passes when
+    `higher_is_better`, else `figure <= threshold`); `details` holds per-measure or
+    per-class figures behind them.
+    """
+
+    name: str
+    family: str
+    figure: float
+    threshold: float
+    passed: bool | None
+    reason: str
+    higher_is_better: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "figure": _num(self.figure),
+                "threshold": _num(self.threshold), "higher_is_better": self.higher_is_better,
+                "result": {True: "pass", False: "fail", None: "skipped"}[self.passed],
+                "passed": self.passed, "reason": self.reason, "details": _plain(self.details)}
+
+
+@dataclass
+class AuditEvidence:
+    """Arrays behind the checks, for the HTML report (not part of the JSON).
+
+    labels (N,) int; ref_cam, cand_cam (N, G, G) canonical Grad-CAM maps of the true class;
+    agreement / self_agreement: {measure: (N,)} candidate-vs-reference and
+    reference-vs-class-reference (the same for early_ names); ref_class_cam, cand_class_cam,
+    store_cam (K, G, G) per-class mean maps; worst: indices of the images where the candidate
+    disagrees most, with their pixels (n, H, W) in [0, 1] and sources.
+    """
+
+    labels: np.ndarray
+    ref_cam: np.ndarray
+    cand_cam: np.ndarray
+    agreement: dict[str, np.ndarray]
+    self_agreement: dict[str, np.ndarray]
+    class_agreement: dict[str, np.ndarray]
+    ref_class_cam: np.ndarray
+    cand_class_cam: np.ndarray
+    store_cam: np.ndarray
+    worst: np.ndarray
+    worst_pixels: np.ndarray
+    worst_sources: list[str]
+
+
+@dataclass
+class AuditResult:
+    """Verdict ("PASS"/"FAIL") and the checks behind it. FAIL when any run check failed."""
+
+    verdict: str
+    checks: list[Check]
+    classes: tuple[str, ...]
+    n_images: int
+    quantile: float
+    reference: dict[str, Any]
+    candidate: dict[str, Any]
+    evidence: AuditEvidence | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "PASS"
+
+    @property
+    def reasons(self) -> list[str]:
+        """Plain-language reasons of the failed checks (empty for a PASS)."""
+        return [c.reason for c in self.checks if c.passed is False]
+
+    def check(self, name: str) -> Check:
+        """The check called `name` (KeyError if it did not run)."""
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of `verifier audit --json`."""
+        return {"format_version": AUDIT_FORMAT_VERSION, "verdict": self.verdict,
+                "reasons": self.reasons, "n_images": self.n_images, "quantile": self.quantile,
+                "classes": list(self.classes), "reference": _plain(self.reference),
+                "candidate": _plain(self.candidate),
+                "checks": [c.to_dict() for c in self.checks]}
+
+
+def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, roi: Any = None,
+          quantile: float | None = None, min_measures: int = 4, accuracy_margin: float = 0.0,
+          batch_size: int = 64, worst: int = 8, reference_probe: Probe | None = None,
+          candidate_probe: Probe | None = None) -> AuditResult:
+    """Audit `candidate` against the bundle's reference model on labelled `data`.
+
+    data: a folder DIR/<class>/..., a CSV `path,label`, (images, labels) arrays or a
+    `LabelledData`. ood: a folder or raw-pixel array (N, H, W[, C]) of images both models
+    should reject. roi: a folder of masks (ROI/<class>.png, or one mask per image at the
+    image's path relative to the data folder) or an array of masks, (K, h, w) per class or
+    (N, h, w) per image. quantile: the reference's own tail level behind every map threshold
+    (default: the bundle's alpha). min_measures: of the seven measures, how many must agree.
+    """
+    q = float(bundle.alpha if quantile is None else quantile)
+    if not 0.0 < q < 0.5:
+        raise ValueError(f"quantile must be in (0, 0.5), got {q}")
+    if not 1 <= min_measures <= len(ATTENTION_MEASURES):
+        raise ValueError(f"min_measures must be in [1, {len(ATTENTION_MEASURES)}]")
+    if tuple(candidate.classes) != tuple(bundle.classes):
+        raise AuditError(f"the candidate's classes {list(candidate.classes)} differ from the "
+                         f"reference's {list(bundle.classes)} (same names, same order needed)")
+    ref_probe = reference_probe or open_probe(bundle.spec)
+    cand_probe = candidate_probe or open_probe(candidate)
+    labelled = LabelledData.from_source(data, bundle.classes)
+    runs = _probe_pair(bundle, candidate, ref_probe, cand_probe, labelled, batch_size)
+    ref, cand, labels = runs.ref, runs.cand, runs.labels
+    store, k = bundle.store, bundle.spec.num_classes
+
+    agreement = compare_maps(cand.cam, ref.cam, ATTENTION_MEASURES)
+    self_agree = compare_maps(ref.cam, store.cam_reference[labels], ATTENTION_MEASURES)
+    e_agree = compare_maps(cand.early, ref.early, ATTENTION_MEASURES, prefix="early_")
+    e_self = compare_maps(ref.early, store.early_reference[labels], ATTENTION_MEASURES, prefix="early_")
+    partner = _same_class_partner(labels)
+    pair_null = compare_maps(ref.cam, ref.cam[partner], ATTENTION_MEASURES)
+    e_pair_null = compare_maps(ref.early, ref.early[partner], ATTENTION_MEASURES, prefix="early_")
+    cand_class = _class_means(cand.cam, labels, k)
+    cand_class_early = _class_means(cand.early, labels, k)
+
+    checks = [
+        _per_image_check("attention_per_image", "attention", agreement, pair_null, q, min_measures),
+        _per_class_check("attention_per_class", "attention", cand_class, store.cam_reference,
+                         self_agree, labels, bundle.classes, q, min_measures, ""),
+        _per_image_check("early_per_image", "early_features", e_agree, e_pair_null, q, min_measures),
+        _per_class_check("early_per_class", "early_features", cand_class_early,
+                         store.early_reference, e_self, labels, bundle.classes, q, min_measures,
+                         "early_"),
+        _channel_check(store, ref, cand, labels, q, ref_probe, cand_probe),
+        _accuracy_check(ref, cand, labels, k, accuracy_margin),
+    ]
+    if ood is not None:
+        checks.append(_garbage_check(bundle, candidate, ref_probe, cand_probe, ref, cand, ood, q,
+                                     batch_size))
+    if roi is not None:
+        masks = _load_masks(roi, labelled, runs.kept, labels, bundle, data)
+        checks.extend(_region_checks(ref.cam, cand.cam, masks))
+    verdict = "FAIL" if any(c.passed is False for c in checks) else "PASS"
+    order = _disagreement_order(agreement)[:max(0, int(worst))]
+    pixels, sources = _worst_pixels(labelled, runs.kept[order], bundle.spec, batch_size)
+    evidence = AuditEvidence(labels=labels, ref_cam=ref.cam, cand_cam=cand.cam,
+                             agreement={**agreement, **e_agree},
+                             self_agreement={**pair_null, **e_pair_null},
+                             class_agreement={**self_agree, **e_self},
+                             ref_class_cam=_class_means(ref.cam, labels, k), cand_class_cam=cand_class,
+                             store_cam=store.cam_reference, worst=order, worst_pixels=pixels,
+                             worst_sources=sources)
+    return AuditResult(verdict=verdict, checks=checks, classes=tuple(bundle.classes),
+                       n_images=len(labels), quantile=q,
+                       reference=_describe(bundle.spec, ref_probe),
+                       candidate=_describe(candidate, cand_probe), evidence=evidence)
+
+
+def write_html(result: AuditResult, path: str | Path) -> Path:
+    """Write the self-contained HTML report of an audit; returns the path."""
+    from .audit_report import render_html
+
+    path = Path(path)
+    path.write_text(render_html(result), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------ probing
+@dataclass
+class _Run:
+    """One model's outputs on the audit images: logits (N, K_out), canonical cam and early
+    maps (N, G, G), early channel statistics (N, C)."""
+
+    logits: np.ndarray
+    cam: np.ndarray
+    early: np.ndarray
+    stats: np.ndarray
+
+    def probs(self, k: int) -> np.ndarray:
+        return _softmax(self.logits[:, :k])
+
+
+@dataclass
+class _Pair:
+    ref: _Run
+    cand: _Run
+    labels: np.ndarray
+    kept: np.ndarray  # indices into the labelled data of the images both models read
+
+
+def _probe_pair(bundle: Bundle, candidate: ModelSpec, ref_probe: Probe, cand_probe: Probe,
+                data: LabelledData, batch_size: int) -> _Pair:
+    """Both models on the same images, each preprocessed by its own spec, Grad-CAM of the
+    true class; images either model cannot read are left out of both."""
+    grid = bundle.store.grid
+    parts: dict[str, list[list[np.ndarray]]] = {"ref": [], "cand": []}
+    kept, start = [], 0
+    for (r_rec, r_x), (c_rec, c_x) in zip(_batches(data, bundle.spec, batch_size),
+                                          _batches(data, candidate, batch_size)):
+        r_ok = np.array([r.error is None for r in r_rec])
+        c_ok = np.array([r.error is None for r in c_rec])
+        both = r_ok & c_ok
+        idx = start + np.flatnonzero(both)
+        start += len(r_rec)
+        if not both.any():
+            continue
+        lab = data.labels[idx]
+        for key, probe, x, ok in (("ref", ref_probe, r_x, r_ok), ("cand", cand_probe, c_x, c_ok)):
+            res = probe.run(x[both[ok]], classes=lab)
+            parts[key].append([res.logits, to_grid(res.cam, grid), to_grid(res.early_map, grid),
+                               res.early_stats])
+        kept.append(idx)
+    if not kept:
+        raise AuditError("no audit image could be read by both models")
+    runs = {key: _Run(*(np.concatenate([p[i] for p in ps]) for i in range(4)))
+            for key, ps in parts.items()}
+    kept_idx = np.concatenate(kept)
+    return _Pair(runs["ref"], runs["cand"], data.labels[kept_idx].astype(np.int64), kept_idx)
+
+
+def _batches(data: LabelledData, spec: ModelSpec, batch_size: int) -> Iterator[tuple[list, np.ndarray]]:
+    from .io import iter_batches
+
+    return iter_batches(data.inputs, spec, batch_size=batch_size)
+
+
+def _describe(spec: ModelSpec, probe: Probe) -> dict[str, Any]:
+    return {"model": str(spec.path) if spec.path is not None else type(spec.module).__name__,
+            "fingerprint": probe.fingerprint, "target_layer": probe.target_layer,
+            "early_layer": probe.early_layer, "gradient_method": probe.gradient_method,
+            "input_size": list(spec.size), "channels": spec.channels}
+
+
+# ------------------------------------------------------------------ map checks
+def _measure_verdicts(cand: dict[str, np.ndarray], null: dict[str, np.ndarray],
+                      q: float) -> dict[str, dict[str, Any]]:
+    """Per measure: the candidate's median against the reference's own q-tail level."""
+    out = {}
+    for name, values in cand.items():
+        hib = measure_direction(name)
+        figure = float(np.nanmedian(values))
+        thr = float(np.nanquantile(null[name], q if hib else 1.0 - q))
+        out[name] = {"figure": figure, "threshold": thr, "higher_is_better": hib,
+                     "passed": bool(figure >= thr if hib else figure <= thr)}
+    return out
+
+
+def _per_image_check(name: str, family: str, cand: dict[str, np.ndarray],
+                     null: dict[str, np.ndarray], q: float, need: int) -> Check:
+    """Per measure: the share of images where candidate-vs-reference is worse than the
+    reference's own q-tail between two images of the same class; it must stay within the
+    upper 95% binomial bound of q. The check needs `need` of the measures to pass."""
+    per = {}
+    for m, values in cand.items():
+        hib = measure_direction(m)
+        level = float(np.nanquantile(null[m], q if hib else 1.0 - q))
+        worse = np.nan_to_num(values < level if hib else values > level, nan=True)
+        share = float(np.mean(worse))
+        bound = _wilson(q, len(values))[1]
+        per[m] = {"figure": share, "threshold": bound, "level": level, "higher_is_better": False,
+                  "median": float(np.nanmedian(values)), "passed": share <= bound}
+    agree = [m for m, v in per.items() if v["passed"]]
+    bad = sorted((m for m, v in per.items() if not v["passed"]), key=lambda m: -per[m]["figure"])
+    what = "Grad-CAM attention" if family == "attention" else "early feature maps"
+    passed = len(agree) >= need
+    reason = (f"{what} per image: on {len(agree)} of {len(per)} measures the candidate's map "
+              f"differs from the reference model's on no more images than the reference's maps "
+              f"of two images of the same class differ ({100 * q:g}% tail; {need} measures needed)")
+    if not passed:
+        reason += (f"; the candidate {'looks elsewhere' if family == 'attention' else 'sees the image differently'}"
+                   f" than the reference: " + ", ".join(
+                       f"{m} beyond the reference's own {100 * q:g}% level on {100 * per[m]['figure']:.0f}% "
+                       f"of images" for m in bad[:3]))
+    return Check(name, family, float(len(agree)), float(need), passed, reason,
+                 details={"measures": per})
+
+
+def _per_class_check(name: str, family: str, cand_class: np.ndarray, store_ref: np.ndarray,
+                     null: dict[str, np.ndarray], labels: np.ndarray, classes: Sequence[str],
+                     q: float, need: int, prefix: str) -> Check:
+    """Each class's mean candidate map against the stored class reference; the threshold per
+    class is the q-tail of the reference's single images of that class against it."""
+    present = [k for k in range(len(classes)) if (labels == k).any()]
+    vals = compare_maps(cand_class[present], store_ref[present], ATTENTION_MEASURES, prefix=prefix)
+    per_class, failing = {}, []
+    for j, k in enumerate(present):
+        rows = labels == k
+        per = _measure_verdicts({m: v[j:j + 1] for m, v in vals.items()}, null, q)
+        ok = sum(v["passed"] for v in per.values()) >= need
+        per_class[classes[k]] = {"passed": ok, "images": int(rows.sum()), "measures": per}
+        if not ok:
+            failing.append(classes[k])
+    what = "attention" if family == "attention" else "early feature maps"
+    n_ok = len(present) - len(failing)
+    reason = (f"{what} per class: {n_ok} of {len(present)} classes' mean candidate maps sit "
+              f"within the reference's own {100 * q:g}% level around the stored class reference "
+              f"on at least {need} of 7 measures")
+    if failing:
+        reason += f"; the candidate's mean {what} map differs for class(es) {', '.join(failing)}"
+    return Check(name, family, float(n_ok), float(len(present)), not failing, reason,
+                 details={"classes": per_class})
+
+
+def _channel_check(store: Any, ref: _Run, cand: _Run, labels: np.ndarray, q: float,
+                   ref_probe: Probe, cand_probe: Probe) -> Check:
+    """Mahalanobis distance of early channel statistics to the store, only when the
+    candidate's early channels correspond to the reference's (see CHANNEL_MATCH_SHARE)."""
+    name, fam = "early_channel_statistics", "early_features"
+    c_ref, c_cand = ref.stats.shape[1], cand.stats.shape[1]
+    if c_ref != c_cand:
+        return Check(name, fam, math.nan, math.nan, None,
+                     f"skipped: the candidate's early layer has {c_cand} channels, the "
+                     f"reference's {c_ref}; channel statistics cannot be compared", False)
+    share = _channel_match_share(ref.stats, cand.stats)
+    if share < CHANNEL_MATCH_SHARE:
+        return Check(name, fam, math.nan, math.nan, None,
+                     f"skipped: the early channels do not correspond (only {100 * share:.0f}% of "
+                     f"the candidate's {c_cand} channels correlate best with the reference channel "
+                     f"of the same index; {100 * CHANNEL_MATCH_SHARE:.0f}% needed), as with any "
+                     f"independently trained model; the early maps are compared on the common grid",
+                     False, {"channel_match_share": share})
+    d_cand = store.mahalanobis(cand.stats, labels)
+    d_ref = store.mahalanobis(ref.stats, labels)
+    figure, thr = float(np.median(d_cand)), float(np.quantile(d_ref, 1.0 - q))
+    passed = figure <= thr
+    reason = (f"early channel statistics: median Mahalanobis distance {figure:.3g} to the stored "
+              f"class statistics, against the reference model's own {100 * (1 - q):g}% level "
+              f"{thr:.3g} (channels correspond: {100 * share:.0f}% match)")
+    if not passed:
+        reason += "; the candidate's early features are distributed differently"
+    return Check(name, fam, figure, thr, passed, reason, False,
+                 {"channel_match_share": share, "reference_median": float(np.median(d_ref))})
+
+
+def _channel_match_share(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of channels c whose best-correlated reference channel (over images) is c."""
+    za = (a - a.mean(0)) / (a.std(0) + 1e-12)
+    zb = (b - b.mean(0)) / (b.std(0) + 1e-12)
+    corr = zb.T @ za / len(a)
+    return float(np.mean(corr.argmax(axis=1) == np.arange(corr.shape[0])))
+
+
+# ------------------------------------------------------------------ accuracy, garbage
+def _accuracy_check(ref: _Run, cand: _Run, labels: np.ndarray, k: int, margin: float) -> Check:
+    """The candidate's accuracy against the lower 95% Wilson bound of the reference's."""
+    n = len(labels)
+    acc_ref = float(np.mean(ref.logits[:, :k].argmax(1) == labels))
+    acc_cand = float(np.mean(cand.logits[:, :k].argmax(1) == labels))
+    lo = acc_ref - _diff_margin(acc_ref, acc_cand, n) - margin
+    passed = acc_cand >= lo
+    reason = (f"accuracy {100 * acc_cand:.1f}% on {n} labelled images against the reference "
+              f"model's {100 * acc_ref:.1f}% (lowest acceptable {100 * lo:.1f}%: the reference's "
+              f"minus the 95% sampling margin of the difference)")
+    if not passed:
+        reason += "; the candidate is less accurate than the reference beyond sampling noise"
+    return Check("accuracy", "accuracy", acc_cand, lo, passed, reason,
+                 details={"reference_accuracy": acc_ref, "n": n, "margin": margin})
+
+
+def _garbage_check(bundle: Bundle, candidate: ModelSpec, ref_probe: Probe, cand_probe: Probe,
+                   ref: _Run, cand: _Run, ood: Any, q: float, batch_size: int) -> Check:
+    """Each model rejects an OOD image when its max-softmax confidence falls below its own
+    q-quantile on the audit images (same false-rejection rate q for both); the candidate's
+    reject rate must reach the lower 95% bound of the reference's."""
+    k = bundle.spec.num_classes
+    rates, n = {}, 0
+    for key, spec, probe, run in (("reference", bundle.spec, ref_probe, ref),
+                                  ("candidate", candidate, cand_probe, cand)):
+        conf = _ood_confidence(ood, spec, probe, k, batch_size)
+        n = len(conf)
+        level = float(np.quantile(run.probs(k).max(1), q))
+        rates[key] = float(np.mean(conf < level))
+    lo = rates["reference"] - _diff_margin(rates["reference"], rates["candidate"], n)
+    passed = rates["candidate"] >= lo
+    reason = (f"garbage rejection: the candidate rejects {100 * rates['candidate']:.1f}% of {n} "
+              f"out-of-distribution images by its max-softmax confidence at a {100 * q:g}% "
+              f"false-rejection rate on the audit images; the reference model rejects "
+              f"{100 * rates['reference']:.1f}% the same way (lowest acceptable {100 * lo:.1f}%)")
+    if not passed:
+        reason += "; the candidate is more confident on garbage than the reference"
+    return Check("garbage_rejection", "garbage", rates["candidate"], lo, passed, reason,
+                 details={"reference_rate": rates["reference"], "n": n})
+
+
+def _ood_confidence(ood: Any, spec: ModelSpec, probe: Probe, k: int, batch_size: int) -> np.ndarray:
+    from .io import iter_batches
+
+    inputs = ood if isinstance(ood, np.ndarray) else [Path(ood)]
+    if not isinstance(ood, np.ndarray) and not Path(ood).is_dir():
+        raise AuditError(f"--ood {ood} is not a folder")
+    conf = [_softmax(probe.run(x).logits[:, :k]).max(1)
+            for _, x in iter_batches(inputs, spec, batch_size=batch_size) if len(x)]
+    if not conf:
+        raise AuditError(f"no readable out-of-distribution image in {ood}")
+    return np.concatenate(conf)
+
+
+# ------------------------------------------------------------------ expected regions
+def _region_checks(ref_cam: np.ndarray, cand_cam: np.ndarray, masks: np.ndarray) -> list[Check]:
+    """Share of attention mass inside the mask and pointing-game hit rate, candidate
+    against the reference model's own figures (lower 95% bounds)."""
+    out = []
+    share = {k: _mass_share(m, masks) for k, m in (("ref", ref_cam), ("cand", cand_cam))}
+    hits = {k: _pointing_hits(m, masks) for k, m in (("ref", ref_cam), ("cand", cand_cam))}
+    n = len(masks)
+    s_ref, s_cand = float(share["ref"].mean()), float(share["cand"].mean())
+    lo = s_ref - 1.96 * float(share["ref"].std(ddof=1)) / math.sqrt(max(n - 1, 1))
+    reason = (f"expected regions: {100 * s_cand:.1f}% of the candidate's attention lies inside "
+              f"the expected-region masks, the reference model's {100 * s_ref:.1f}% "
+              f"(lower 95% bound {100 * lo:.1f}%)")
+    if s_cand < lo:
+        reason += "; the candidate's attention leaves the expected regions"
+    out.append(Check("regions_attention_mass", "regions", s_cand, lo, s_cand >= lo, reason,
+                     details={"reference": s_ref, "n": n}))
+    h_ref, h_cand = float(hits["ref"].mean()), float(hits["cand"].mean())
+    lo = h_ref - _diff_margin(h_ref, h_cand, n)
+    reason = (f"pointing game: the candidate's attention peak falls inside the expected region "
+              f"on {100 * h_cand:.1f}% of images, the reference model's on {100 * h_ref:.1f}% "
+              f"(lowest acceptable {100 * lo:.1f}%)")
+    if h_cand < lo:
+        reason += "; the candidate's attention peaks outside the expected regions"
+    out.append(Check("regions_pointing_game", "regions", h_cand, lo, h_cand >= lo, reason,
+                     details={"reference": h_ref, "n": n}))
+    return out
+
+
+def _mass_share(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    total = maps.reshape(len(maps), -1).sum(1)
+    inside = (maps * masks).reshape(len(maps), -1).sum(1)
+    return np.where(total > 0, inside / np.where(total > 0, total, 1.0), 0.0)
+
+
+def _pointing_hits(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    flat = maps.reshape(len(maps), -1)
+    peak = flat.argmax(1)
+    hit = masks.reshape(len(masks), -1)[np.arange(len(maps)), peak] > 0
+    return hit & (flat.max(1) > 0)  # an all-zero map points nowhere
+
+
+def _load_masks(roi: Any, data: LabelledData, kept: np.ndarray, labels: np.ndarray,
+                bundle: Bundle, source: Any) -> np.ndarray:
+    """(N, G, G) float32 binary masks for the kept images, on the store's grid."""
+    grid, k = bundle.store.grid, bundle.spec.num_classes
+    if isinstance(roi, np.ndarray):
+        arr = np.asarray(roi, dtype=np.float32)
+        if arr.ndim != 3 or len(arr) not in (k, len(data)):
+            raise AuditError(f"roi masks must be (K={k}, h, w) or (N={len(data)}, h, w), got {arr.shape}")
+        grid_masks = _mask_grid(arr, grid)
+        return grid_masks[labels] if len(arr) == k and len(arr) != len(data) else grid_masks[kept]
+    folder = Path(roi)
+    if not folder.is_dir():
+        raise AuditError(f"--roi {roi} is not a folder")
+    per_class = [folder / f"{c}.png" for c in bundle.classes]
+    if all(p.exists() for p in per_class):
+        return _mask_grid(np.stack([_read_mask(p) for p in per_class]), grid)[labels]
+    return _per_image_masks(folder, data, kept, source, grid)
+
+
+def _per_image_masks(folder: Path, data: LabelledData, kept: np.ndarray, source: Any,
+                     grid: tuple[int, int]) -> np.ndarray:
+    if isinstance(data.inputs, np.ndarray) or source is None or not Path(source).is_dir():
+        raise AuditError(f"--roi {folder}: per-image masks need --data as a folder; per-class "
+                         f"masks are ROI/<class>.png for every class")
+    out = []
+    for i in kept:
+        rel = Path(data.inputs[i]).relative_to(Path(source))
+        path = folder / rel
+        if not path.exists():
+            path = path.with_suffix(".png")
+        if not path.exists():
+            raise AuditError(f"--roi: no mask for {rel} (looked for {folder / rel}) and no "
+                             f"per-class masks ROI/<class>.png")
+        out.append(_mask_grid(_read_mask(path)[None], grid)[0])
+    return np.stack(out)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    from .io import decode_image
+
+    m = np.asarray(decode_image(path), dtype=np.float32)
+    return m.mean(axis=-1) if m.ndim == 3 else m
+
+
+def _mask_grid(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Masks of any size -> (n, G, G) {0, 1}: a cell is inside when at least half of it is."""
+    m = np.asarray(masks, dtype=np.float32)
+    peak = m.reshape(len(m), -1).max(1)
+    m = m / np.where(peak > 0, peak, 1.0)[:, None, None]
+    return (resize_maps(m, grid) >= 0.5).astype(np.float32)
+
+
+# ------------------------------------------------------------------ helpers
+def _same_class_partner(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(N,) index of another image of the same class for every image (itself if alone)."""
+    rng = np.random.default_rng(seed)
+    partner = np.arange(len(labels))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        order = rng.permutation(idx)
+        partner[order] = np.roll(order, 1)  # a cycle: nobody is paired with itself
+    return partner
+
+
+def _class_means(maps: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(K, G, G) mean canonical map per class, rescaled to max 1; NaN for absent classes."""
+    out = np.full((k, *maps.shape[1:]), np.nan, dtype=np.float32)
+    for c in range(k):
+        rows = labels == c
+        if rows.any():
+            out[c] = normalise_max(maps[rows].mean(0, keepdims=True))[0]
+    return out
+
+
+def _disagreement_order(agreement: dict[str, np.ndarray]) -> np.ndarray:
+    """Image indices, most disagreeing first: mean rank of badness over the measures."""
+    ranks = []
+    for name, v in agreement.items():
+        bad = -v if measure_direction(name) else v
+        ranks.append(np.argsort(np.argsort(np.nan_to_num(bad, nan=np.inf))))
+    return np.argsort(-np.mean(ranks, axis=0), kind="stable")
+
+
+def _worst_pixels(data: LabelledData, idx: np.ndarray, spec: ModelSpec,
+                  batch_size: int) -> tuple[np.ndarray, list[str]]:
+    """The reference-preprocessed pixels (n, H, W) in [0, 1] of a few images, for overlays."""
+    from .io import iter_batches
+
+    if len(idx) == 0:
+        return np.zeros((0, *spec.size), dtype=np.float32), []
+    sub = data.subset(idx)
+    parts, sources = [], []
+    for recs, x in iter_batches(sub.inputs, spec, batch_size=batch_size):
+        mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
+        std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
+        parts.append(np.clip(x * std + mean, 0.0, 1.0).mean(axis=1))
+        sources.extend(r.source for r in recs if r.error is None)
+    return np.concatenate(parts).astype(np.float32), sources
+
+
+def _show(name: str, v: dict[str, Any]) -> str:
+    op = ">=" if v["higher_is_better"] else "<="
+    return f"{name} {v['figure']:.3g} (needs {op} {v['threshold']:.3g})"
+
+
+def _diff_margin(p_ref: float, p_cand: float, n: int, z: float = 1.96) -> float:
+    """95% sampling margin of the difference of two proportions measured on n images each."""
+    if n == 0:
+        return 1.0
+    return z * math.sqrt((p_ref * (1 - p_ref) + p_cand * (1 - p_cand)) / n)
+
+
+def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or not math.isfinite(float(v)) else float(v)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _num(float(obj))
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
