@@ -248,7 +248,8 @@ def _load_model(spec: ModelSpec) -> onnx.ModelProto:
         return _torchscript_to_onnx(spec)
     try:
         model = onnx.load(str(spec.path))
-        onnx.checker.check_model(model)
+        # the in-memory checker refuses protos over 2 GB; the path form handles external data
+        onnx.checker.check_model(model if model.ByteSize() < (1 << 31) - 1 else str(spec.path))
     except Exception as e:
         raise ProbeError(f"{spec.path}: not a valid ONNX model ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
