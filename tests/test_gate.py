@@ -138,3 +138,11 @@ def test_decision_json_fields(gate, mnist):
     assert set(d["scores"]) == expected and set(d["p_values"]) == expected
     assert all(0 < p <= 1 for p in d["p_values"].values())
     json.dumps(d)
+
+
+def test_bundle_without_model_check_reads_calibration_only(gap_bundle):
+    b = Bundle.load(gap_bundle, check_model=False)  # drift needs no model
+    assert len(b.calibration_classes) > 0 and set(b.calibration_scores) == set(b.higher_is_worse)
+    from verifier.gate import Gatekeeper as G
+    with pytest.raises(Exception, match="nn.Module"):
+        G(b)  # but it cannot open a probe

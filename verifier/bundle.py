@@ -105,20 +105,27 @@ class Bundle:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model: Any = None) -> Bundle:
+    def load(cls, path: str | Path, model: Any = None, check_model: bool = True) -> Bundle:
         """Read and verify a bundle. `model` (an nn.Module) is needed only for bundles
-        built from an in-memory module; it must have the fingerprint the bundle was built for."""
+        built from an in-memory module; it must have the fingerprint the bundle was built for.
+
+        `check_model=False` skips the model (drift reports need only the calibration):
+        checksums are still verified, but such a bundle cannot open a probe.
+        """
         path = Path(path)
         try:
             art = read_artifact(path, kind=BUNDLE_KIND, supported_versions={BUNDLE_FORMAT_VERSION})
         except ArtifactError as e:
             raise BundleError(str(e)) from None
         m = art.manifest
-        spec = _load_spec(path, art.files.get("spec.toml"), model)
         expected = m["model_fingerprint"]
-        actual = model_fingerprint(spec)
         compatible = m.get("compatible_fingerprints", {})
-        if actual != expected and actual not in compatible.values():
+        if not check_model and model is None and "path" not in tomllib.loads(
+                art.files.get("spec.toml", b"[model]").decode("utf-8")).get("model", {}):
+            model = _NO_MODEL
+        spec = _load_spec(path, art.files.get("spec.toml"), model)
+        actual = expected if model is _NO_MODEL else model_fingerprint(spec)
+        if check_model and actual != expected and actual not in compatible.values():
             raise BundleError(
                 f"bundle {path} was built for model {_short(expected)}, but the model given has "
                 f"fingerprint {_short(actual)}: a bundle is valid only for the model it was "
@@ -144,6 +151,16 @@ class Bundle:
             bundle_id=_bundle_id(path),
         )
         return bundle
+
+
+class _NoModel:
+    """Stands in for the module of a bundle loaded with check_model=False."""
+
+    def __repr__(self) -> str:
+        return "<model not loaded (check_model=False)>"
+
+
+_NO_MODEL = _NoModel()
 
 
 def _load_spec(path: Path, raw: bytes | None, model: Any) -> ModelSpec:

@@ -15,7 +15,7 @@ __all__ = ["SmallCNN", "train_classifier", "mnist_spec", "preprocess_uint8"]
 
 
 class SmallCNN(nn.Module):
-    """Three conv blocks on (N, C, 28, 28); early layer `features.0`, Grad-CAM layer `features.7`."""
+    """Three conv blocks on (N, C, 28, 28); auto picks early layer `features.2`, Grad-CAM layer `features.8`."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, head: str = "gap",
                  width: int = 16, input_size: int = 28) -> None:
