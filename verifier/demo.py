@@ -76,14 +76,16 @@ def run_demo(out: str | Path = "demo-out", alpha: float = 0.05, n_ood: int = 200
     build_bundle(spec, out / "data" / "reference", out / "bundle",
                  calibration=out / "data" / "calibration", alpha=alpha, seed=seed, progress=progress)
 
-    say("4/4 gate: a mixed stream of held-out digits and real out-of-distribution images")
+    say("4/5 gate: a mixed stream of held-out digits and real out-of-distribution images")
     stream = _stream(out / "stream", x[n_train + n_cal:], n_ood, seed, ood_images)
     gate = Gatekeeper.load(out / "bundle")
     result = DemoResult(alpha=alpha, bundle=out / "bundle")
     p_by_source: dict[str, np.ndarray] = {}
+    logged: dict[str, list] = {}
     with (out / "decisions.jsonl").open("w") as f:
         for source, paths in stream.items():
-            decisions = gate.gate(paths, log=out / "log")
+            decisions = gate.gate(paths)
+            logged[source] = decisions
             for d in decisions:
                 f.write(json.dumps({"source": source, **d.to_dict()}) + "\n")
             rejected = np.array([not d.accepted for d in decisions])
@@ -94,9 +96,42 @@ def run_demo(out: str | Path = "demo-out", alpha: float = 0.05, n_ood: int = 200
     for source in SOURCES[1:]:
         result.rows[source]["auroc"] = _auroc(p_by_source["digits"], p_by_source[source])
     result.false_rejection_rate = result.rows["digits"]["rejection_rate"]
+
+    say("5/5 drift: yesterday's log held only digits, today's half the digits plus every OOD image")
+    result.reports.update(_drift_reports(out, gate, logged))
     result.seconds = time.perf_counter() - t_start
     (out / "demo.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result
+
+
+def _drift_reports(out: Path, gate, logged: dict[str, list]) -> dict[str, str]:
+    """Log two days of decisions and write a drift report for each; returns name -> path."""
+    import shutil
+    from datetime import datetime, timedelta, timezone
+
+    from .decision_log import DecisionLog
+    from .drift import DriftReference, drift_report, render_html
+
+    log_dir = out / "log"
+    shutil.rmtree(log_dir, ignore_errors=True)  # a rerun starts a fresh log
+    log = DecisionLog(log_dir)
+    today = datetime.now(timezone.utc).replace(hour=12, minute=0, second=0, microsecond=0)
+    yesterday = today - timedelta(days=1)
+    digits = logged["digits"]
+    half = len(digits) // 2
+    b = gate.bundle
+    log.append(digits[:half], bundle_id=b.bundle_id, alpha=gate.alpha, time=yesterday)
+    mixed = digits[half:] + [d for s, ds in logged.items() if s != "digits" for d in ds]
+    log.append(mixed, bundle_id=b.bundle_id, alpha=gate.alpha, time=today)
+    reference = DriftReference.from_bundle(b)
+    reports = {}
+    for name, when in (("drift_clean_day", yesterday), ("drift_mixed_day", today)):
+        report = drift_report(log, reference, day=when.date())
+        path = out / f"{name}.html"
+        path.write_text(render_html(report), encoding="utf-8")
+        reports[name] = str(path)
+        reports[name + "_alert"] = bool(report.alert)
+    return reports
 
 
 def format_table(result: DemoResult) -> str:
@@ -109,6 +144,10 @@ def format_table(result: DemoResult) -> str:
     verdict = "within" if frr <= result.alpha + 2 * np.sqrt(result.alpha * (1 - result.alpha) / result.rows["digits"]["n"]) else "ABOVE"
     lines.append(f"false-rejection rate on held-out digits: {frr:.3f} (alpha {result.alpha}; {verdict} "
                  f"alpha + 2 binomial standard errors)")
+    for name in ("drift_clean_day", "drift_mixed_day"):
+        if name in result.reports:
+            alert = "ALERT" if result.reports[name + "_alert"] else "no alert"
+            lines.append(f"{name.replace('_', ' ')}: {alert}  ({result.reports[name]})")
     lines.append(f"bundle: {result.bundle}   time: {result.seconds:.0f} s")
     return "\n".join(lines)
 
