@@ -131,7 +131,8 @@ class AuditResult:
 
 
 def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, roi: Any = None,
-          quantile: float | None = None, min_measures: int = 4, accuracy_margin: float = 0.0,
+          quantile: float | None = None, min_measures: int = 4, tolerance: float = 2.0,
+          accuracy_margin: float = 0.0,
           batch_size: int = 64, worst: int = 8, reference_probe: Probe | None = None,
           candidate_probe: Probe | None = None) -> AuditResult:
     """Audit `candidate` against the bundle's reference model on labelled `data`.
@@ -142,10 +143,14 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     image's path relative to the data folder) or an array of masks, (K, h, w) per class or
     (N, h, w) per image. quantile: the reference's own tail level behind every map threshold
     (default: the bundle's alpha). min_measures: of the seven measures, how many must agree.
+    tolerance: a candidate may fall beyond the reference's own q-level on up to
+    tolerance x q of its images (and classes), up to binomial sampling slack.
     """
     q = float(bundle.alpha if quantile is None else quantile)
     if not 0.0 < q < 0.5:
         raise ValueError(f"quantile must be in (0, 0.5), got {q}")
+    if not 1.0 <= tolerance <= 1.0 / q:
+        raise ValueError(f"tolerance must be in [1, 1/quantile], got {tolerance}")
     if not 1 <= min_measures <= len(ATTENTION_MEASURES):
         raise ValueError(f"min_measures must be in [1, {len(ATTENTION_MEASURES)}]")
     if tuple(candidate.classes) != tuple(bundle.classes):
@@ -169,12 +174,14 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     cand_class_early = _class_means(cand.early, labels, k)
 
     checks = [
-        _per_image_check("attention_per_image", "attention", agreement, pair_null, q, min_measures),
+        _per_image_check("attention_per_image", "attention", agreement, pair_null, q, tolerance,
+                         min_measures),
         _per_class_check("attention_per_class", "attention", cand_class, store.cam_reference,
-                         self_agree, labels, bundle.classes, q, min_measures, ""),
-        _per_image_check("early_per_image", "early_features", e_agree, e_pair_null, q, min_measures),
+                         self_agree, labels, bundle.classes, q, tolerance, min_measures, ""),
+        _per_image_check("early_per_image", "early_features", e_agree, e_pair_null, q, tolerance,
+                         min_measures),
         _per_class_check("early_per_class", "early_features", cand_class_early,
-                         store.early_reference, e_self, labels, bundle.classes, q, min_measures,
+                         store.early_reference, e_self, labels, bundle.classes, q, tolerance, min_measures,
                          "early_"),
         _channel_check(store, ref, cand, labels, q, ref_probe, cand_probe),
         _accuracy_check(ref, cand, labels, k, accuracy_margin),
@@ -291,17 +298,17 @@ def _measure_verdicts(cand: dict[str, np.ndarray], null: dict[str, np.ndarray],
 
 
 def _per_image_check(name: str, family: str, cand: dict[str, np.ndarray],
-                     null: dict[str, np.ndarray], q: float, need: int) -> Check:
+                     null: dict[str, np.ndarray], q: float, tolerance: float, need: int) -> Check:
     """Per measure: the share of images where candidate-vs-reference is worse than the
     reference's own q-tail between two images of the same class; it must stay within the
-    upper 95% binomial bound of q. The check needs `need` of the measures to pass."""
+    upper 95% binomial bound of tolerance x q. The check needs `need` of the measures to pass."""
     per = {}
     for m, values in cand.items():
         hib = measure_direction(m)
         level = float(np.nanquantile(null[m], q if hib else 1.0 - q))
         worse = np.nan_to_num(values < level if hib else values > level, nan=True)
         share = float(np.mean(worse))
-        bound = _wilson(q, len(values))[1]
+        bound = _wilson(tolerance * q, len(values))[1]
         per[m] = {"figure": share, "threshold": bound, "level": level, "higher_is_better": False,
                   "median": float(np.nanmedian(values)), "passed": share <= bound}
     agree = [m for m, v in per.items() if v["passed"]]
@@ -310,7 +317,7 @@ def _per_image_check(name: str, family: str, cand: dict[str, np.ndarray],
     passed = len(agree) >= need
     reason = (f"{what} per image: on {len(agree)} of {len(per)} measures the candidate's map "
               f"differs from the reference model's on no more images than the reference's maps "
-              f"of two images of the same class differ ({100 * q:g}% tail; {need} measures needed)")
+              f"of two images of the same class differ beyond their {100 * q:g}% level, up to {tolerance:g}x as often; {need} measures needed)")
     if not passed:
         reason += (f"; the candidate {'looks elsewhere' if family == 'attention' else 'sees the image differently'}"
                    f" than the reference: " + ", ".join(
@@ -322,9 +329,13 @@ def _per_image_check(name: str, family: str, cand: dict[str, np.ndarray],
 
 def _per_class_check(name: str, family: str, cand_class: np.ndarray, store_ref: np.ndarray,
                      null: dict[str, np.ndarray], labels: np.ndarray, classes: Sequence[str],
-                     q: float, need: int, prefix: str) -> Check:
-    """Each class's mean candidate map against the stored class reference; the threshold per
-    class is the q-tail of the reference's single images of that class against it."""
+                     q: float, tolerance: float, need: int, prefix: str) -> Check:
+    """Each class's mean candidate map against the stored class reference, per measure at the
+    q-level of the reference's single images against their class reference; a class fails
+    when fewer than `need` measures pass. Allowed failing classes: the 95% binomial quantile
+    of K classes at rate tolerance x q."""
+    from scipy.stats import binom
+
     present = [k for k in range(len(classes)) if (labels == k).any()]
     vals = compare_maps(cand_class[present], store_ref[present], ATTENTION_MEASURES, prefix=prefix)
     per_class, failing = {}, []
@@ -336,13 +347,16 @@ def _per_class_check(name: str, family: str, cand_class: np.ndarray, store_ref: 
         if not ok:
             failing.append(classes[k])
     what = "attention" if family == "attention" else "early feature maps"
-    n_ok = len(present) - len(failing)
-    reason = (f"{what} per class: {n_ok} of {len(present)} classes' mean candidate maps sit "
-              f"within the reference's own {100 * q:g}% level around the stored class reference "
-              f"on at least {need} of 7 measures")
+    allowed = int(binom.ppf(0.95, len(present), min(1.0, tolerance * q)))
+    passed = len(failing) <= allowed
+    reason = (f"{what} per class: {len(failing)} of {len(present)} classes' mean candidate maps "
+              f"lie beyond the reference's own {100 * q:g}% level around the stored class "
+              f"reference on more than {7 - need} of 7 measures ({allowed} allowed)")
     if failing:
-        reason += f"; the candidate's mean {what} map differs for class(es) {', '.join(failing)}"
-    return Check(name, family, float(n_ok), float(len(present)), not failing, reason,
+        reason += f"; differing class(es): {', '.join(failing)}"
+    if not passed:
+        reason += f"; the candidate's mean {what} maps differ from the reference's"
+    return Check(name, family, float(len(failing)), float(allowed), passed, reason, False,
                  details={"classes": per_class})
 
 
@@ -387,7 +401,7 @@ def _channel_match_share(a: np.ndarray, b: np.ndarray) -> float:
 
 # ------------------------------------------------------------------ accuracy, garbage
 def _accuracy_check(ref: _Run, cand: _Run, labels: np.ndarray, k: int, margin: float) -> Check:
-    """The candidate's accuracy against the lower 95% Wilson bound of the reference's."""
+    """The candidate's accuracy against the reference's, less the 95% margin of the difference."""
     n = len(labels)
     acc_ref = float(np.mean(ref.logits[:, :k].argmax(1) == labels))
     acc_cand = float(np.mean(cand.logits[:, :k].argmax(1) == labels))
@@ -405,8 +419,10 @@ def _accuracy_check(ref: _Run, cand: _Run, labels: np.ndarray, k: int, margin: f
 def _garbage_check(bundle: Bundle, candidate: ModelSpec, ref_probe: Probe, cand_probe: Probe,
                    ref: _Run, cand: _Run, ood: Any, q: float, batch_size: int) -> Check:
     """Each model rejects an OOD image when its max-softmax confidence falls below its own
-    q-quantile on the audit images (same false-rejection rate q for both); the candidate's
-    reject rate must reach the lower 95% bound of the reference's."""
+    q-quantile on the audit images (same false-rejection rate q for both). The candidate's
+    reject rate must exceed q with 95% confidence (its confidence must tell garbage from site
+    images at all); max-softmax rejection varies too much between retrained models to demand
+    the reference's rate, which is reported beside it."""
     k = bundle.spec.num_classes
     rates, n = {}, 0
     for key, spec, probe, run in (("reference", bundle.spec, ref_probe, ref),
@@ -415,16 +431,17 @@ def _garbage_check(bundle: Bundle, candidate: ModelSpec, ref_probe: Probe, cand_
         n = len(conf)
         level = float(np.quantile(run.probs(k).max(1), q))
         rates[key] = float(np.mean(conf < level))
-    lo = rates["reference"] - _diff_margin(rates["reference"], rates["candidate"], n)
-    passed = rates["candidate"] >= lo
+    lo = _wilson(rates["candidate"], n)[0]
+    passed = lo > q
     reason = (f"garbage rejection: the candidate rejects {100 * rates['candidate']:.1f}% of {n} "
               f"out-of-distribution images by its max-softmax confidence at a {100 * q:g}% "
               f"false-rejection rate on the audit images; the reference model rejects "
-              f"{100 * rates['reference']:.1f}% the same way (lowest acceptable {100 * lo:.1f}%)")
+              f"{100 * rates['reference']:.1f}% the same way; the candidate's rate must exceed the "
+              f"{100 * q:g}% it rejects of site images (lower 95% bound {100 * lo:.1f}%)")
     if not passed:
-        reason += "; the candidate is more confident on garbage than the reference"
-    return Check("garbage_rejection", "garbage", rates["candidate"], lo, passed, reason,
-                 details={"reference_rate": rates["reference"], "n": n})
+        reason += "; the candidate is as confident on garbage as on site images"
+    return Check("garbage_rejection", "garbage", rates["candidate"], q, passed, reason,
+                 details={"reference_rate": rates["reference"], "n": n, "lower_bound": lo})
 
 
 def _ood_confidence(ood: Any, spec: ModelSpec, probe: Probe, k: int, batch_size: int) -> np.ndarray:
@@ -443,7 +460,7 @@ def _ood_confidence(ood: Any, spec: ModelSpec, probe: Probe, k: int, batch_size:
 # ------------------------------------------------------------------ expected regions
 def _region_checks(ref_cam: np.ndarray, cand_cam: np.ndarray, masks: np.ndarray) -> list[Check]:
     """Share of attention mass inside the mask and pointing-game hit rate, candidate
-    against the reference model's own figures (lower 95% bounds)."""
+    against the reference model's own figures (less their 95% sampling margins)."""
     out = []
     share = {k: _mass_share(m, masks) for k, m in (("ref", ref_cam), ("cand", cand_cam))}
     hits = {k: _pointing_hits(m, masks) for k, m in (("ref", ref_cam), ("cand", cand_cam))}
@@ -452,7 +469,7 @@ def _region_checks(ref_cam: np.ndarray, cand_cam: np.ndarray, masks: np.ndarray)
     lo = s_ref - 1.96 * float(share["ref"].std(ddof=1)) / math.sqrt(max(n - 1, 1))
     reason = (f"expected regions: {100 * s_cand:.1f}% of the candidate's attention lies inside "
               f"the expected-region masks, the reference model's {100 * s_ref:.1f}% "
-              f"(lower 95% bound {100 * lo:.1f}%)")
+              f"(lowest acceptable {100 * lo:.1f}%)")
     if s_cand < lo:
         reason += "; the candidate's attention leaves the expected regions"
     out.append(Check("regions_attention_mass", "regions", s_cand, lo, s_cand >= lo, reason,

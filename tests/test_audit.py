@@ -1,0 +1,240 @@
+"""Tests of `verifier audit` on real MNIST digits: a retrained model passes, a shortcut model and
+an untrained model fail, the HTML report and JSON carry the verdict, the CLI exit codes hold.
+"""
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from verifier.audit import AuditError, audit, write_html
+from verifier.bundle import Bundle
+from verifier.zoo import SmallCNN, mnist_spec, train_classifier
+
+TRAIN, CAL = slice(0, 3000), slice(3000, 3600)  # as in conftest.py
+
+torch.set_num_threads(2)
+
+AUDIT = slice(3600, 4400)  # 800 held-out digits: the "deployment site" images
+
+
+def add_marker(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A bright 4x4 square whose position encodes the label, in the empty top or bottom rows."""
+    out = np.array(images, copy=True)
+    for i, lab in enumerate(labels):
+        row, col = (0 if lab < 5 else 24), (int(lab) % 5) * 5 + 1
+        out[i, row:row + 4, col:col + 4] = 255
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(mnist, gap_model, gap_bundle) -> Bundle:
+    return Bundle.load(gap_bundle, model=gap_model)
+
+
+@pytest.fixture(scope="module")
+def seed_model(mnist):
+    x, y = mnist
+    torch.manual_seed(1)
+    return train_classifier(SmallCNN(head="gap"), x[TRAIN], y[TRAIN], epochs=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    torch.manual_seed(9)
+    return SmallCNN(head="gap").eval()
+
+
+@pytest.fixture(scope="module")
+def seed_result(mnist, reference, seed_model):
+    from verifier.datasets import ood_images
+
+    x, y = mnist
+    return audit(reference, mnist_spec(seed_model), (x[AUDIT], y[AUDIT]),
+                 ood=ood_images("photos", 200, seed=1))
+
+
+@pytest.fixture(scope="module")
+def shortcut_result(mnist, reference):
+    x, y = mnist
+    torch.manual_seed(3)
+    model = train_classifier(SmallCNN(head="gap"), add_marker(x[TRAIN], y[TRAIN]), y[TRAIN],
+                             epochs=4, seed=3)
+    return audit(reference, mnist_spec(model), (add_marker(x[AUDIT], y[AUDIT]), y[AUDIT]))
+
+
+def test_retrained_candidate_passes(seed_result):
+    r = seed_result
+    assert r.verdict == "PASS", r.reasons
+    assert r.reasons == []
+    for name in ("attention_per_image", "attention_per_class", "early_per_image",
+                 "early_per_class", "accuracy", "garbage_rejection"):
+        assert r.check(name).passed is True, r.check(name).reason
+    # independently trained: its early channels are a permutation, so no channel statistics
+    stats = r.check("early_channel_statistics")
+    assert stats.passed is None and "do not correspond" in stats.reason
+
+
+def test_shortcut_candidate_fails_on_attention(shortcut_result, reference):
+    r = shortcut_result
+    assert r.verdict == "FAIL"
+    acc = r.check("accuracy")
+    assert acc.passed and acc.figure > 0.9  # the marker makes it accurate ...
+    att = r.check("attention_per_image")
+    assert att.passed is False  # ... but it looks at something else
+    assert any("attention" in reason and "looks elsewhere" in reason for reason in r.reasons)
+
+
+def test_untrained_candidate_fails(mnist, reference, untrained):
+    x, y = mnist
+    r = audit(reference, mnist_spec(untrained), (x[AUDIT][:300], y[AUDIT][:300]))
+    assert r.verdict == "FAIL"
+    assert r.check("accuracy").passed is False
+    assert r.check("attention_per_image").passed is False
+
+
+def test_reference_against_itself_passes_with_channel_statistics(mnist, reference, gap_model):
+    x, y = mnist
+    r = audit(reference, mnist_spec(gap_model), (x[AUDIT][:300], y[AUDIT][:300]), worst=0)
+    assert r.verdict == "PASS"
+    stats = r.check("early_channel_statistics")
+    assert stats.passed is True and stats.details["channel_match_share"] == 1.0
+    att = r.check("attention_per_image")
+    assert all(v["figure"] == 0.0 for v in att.details["measures"].values())
+
+
+def test_expected_regions_from_per_class_masks(mnist, reference, seed_model, untrained):
+    """Per-class masks where the class's digits have ink: the retrained model's attention
+    stays inside as much as the reference's does; the untrained model's does not."""
+    x, y = mnist
+    ink = np.stack([x[TRAIN][y[TRAIN] == k].mean(0) for k in range(10)])
+    masks = (ink > 0.25 * ink.max(axis=(1, 2), keepdims=True)).astype(np.float32)
+    data = (x[AUDIT][:300], y[AUDIT][:300])
+    good = audit(reference, mnist_spec(seed_model), data, roi=masks, worst=0)
+    bad = audit(reference, mnist_spec(untrained), data, roi=masks, worst=0)
+    assert good.check("regions_attention_mass").passed, good.check("regions_attention_mass").reason
+    assert bad.check("regions_pointing_game").passed is False
+    assert bad.check("regions_pointing_game").figure < good.check("regions_pointing_game").figure
+
+
+def test_class_mismatch_is_an_error(reference, seed_model):
+    spec = mnist_spec(seed_model, classes=9)
+    with pytest.raises(AuditError, match="classes"):
+        audit(reference, spec, (np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int64)))
+
+
+class _Doc(HTMLParser):
+    """Records text in order and checks that every opened tag is closed."""
+
+    VOID = {"meta", "img", "br", "hr", "input", "link"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: list[str] = []
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}>")
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_is_valid_html_with_the_verdict_first(shortcut_result, tmp_path):
+    path = write_html(shortcut_result, tmp_path / "audit.html")
+    html = path.read_text(encoding="utf-8")
+    doc = _Doc()
+    doc.feed(html)
+    doc.close()
+    assert doc.errors == [] and doc.stack == []
+    text = " ".join(doc.text)
+    assert "Audit verdict: FAIL" in text
+    assert text.index("Audit verdict: FAIL") < text.index("Checks") < text.index("attention_per_image")
+    assert html.count("data:image/png;base64,") >= 30  # class maps and overlays are inline
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+
+
+def test_json_carries_verdict_figures_and_reasons(shortcut_result):
+    d = json.loads(json.dumps(shortcut_result.to_dict()))
+    assert d["verdict"] == "FAIL" and d["reasons"]
+    att = next(c for c in d["checks"] if c["name"] == "attention_per_image")
+    assert att["result"] == "fail" and att["figure"] < att["threshold"]
+    assert set(att["details"]["measures"]) == {"iou", "dice", "ssim", "cosine", "pearson", "kl",
+                                               "wasserstein"}
+
+
+# ------------------------------------------------------------------ command line
+@pytest.fixture(scope="module")
+def file_setup(tmp_path_factory, mnist, gap_model, seed_model, untrained):
+    """A file-based bundle built from the ONNX-exported reference, candidate specs, site data."""
+    from verifier.backends.onnx_backend import export_onnx
+    from verifier.builder import build_bundle
+    from verifier.io import save_dataset
+    from verifier.spec import ModelSpec
+
+    x, y = mnist
+    root = tmp_path_factory.mktemp("audit_cli")
+    specs = {}
+    for name, model in (("reference", gap_model), ("seed", seed_model), ("untrained", untrained)):
+        onnx_path = export_onnx(model, mnist_spec(model), root / f"{name}.onnx")
+        spec = ModelSpec(classes=tuple(str(i) for i in range(10)), size=(28, 28), mean=(0.1307,),
+                         std=(0.3081,), path=onnx_path)
+        (root / f"{name}.toml").write_text(_toml(spec.to_toml_dict(relative_to=root)))
+        specs[name] = spec
+    build_bundle(specs["reference"], (x[TRAIN][:1500], y[TRAIN][:1500]), root / "bundle",
+                 calibration=(x[CAL][:300], y[CAL][:300]))
+    save_dataset(x[AUDIT][:300], y[AUDIT][:300], [str(i) for i in range(10)], root / "site")
+    return root
+
+
+def _toml(tables: dict) -> str:
+    return "".join(f"[{t}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in kv.items()) + "\n"
+                   for t, kv in tables.items())
+
+
+def _cli(*argv: str) -> int:
+    from verifier.cli import main
+
+    return main(list(argv))
+
+
+def test_cli_pass_writes_json_and_report(file_setup, tmp_path):
+    root = file_setup
+    code = _cli("audit", "--bundle", str(root / "bundle"), "--spec", str(root / "seed.toml"),
+                "--data", str(root / "site"), "--json", str(tmp_path / "a.json"),
+                "--report", str(tmp_path / "a.html"))
+    d = json.loads((tmp_path / "a.json").read_text())
+    assert code == 0, d["reasons"]
+    assert d["verdict"] == "PASS"
+    assert "Audit verdict: PASS" in (tmp_path / "a.html").read_text()
+
+
+def test_cli_fail_exit_code(file_setup, capsys):
+    root = file_setup
+    code = _cli("audit", "--bundle", str(root / "bundle"), "--spec", str(root / "untrained.toml"),
+                "--data", str(root / "site"))
+    assert code == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_cli_errors_exit_2(file_setup, capsys):
+    root = file_setup
+    assert _cli("audit", "--bundle", str(root / "bundle"), "--spec", str(root / "seed.toml")) == 2
+    assert "--data is required" in capsys.readouterr().err
+    assert _cli("audit", "--bundle", str(root / "bundle"), "--spec", str(root / "missing.toml"),
+                "--data", str(root / "site")) == 2
+    assert "spec file not found" in capsys.readouterr().err
+    assert _cli("audit", "--bundle", str(root / "nope"), "--spec", str(root / "seed.toml"),
+                "--data", str(root / "site")) == 2

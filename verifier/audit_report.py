@@ -1,0 +1,132 @@
+"""The audit's self-contained HTML report: verdict first, then each check against its threshold.
+
+Built on `verifier.html_report`: per-class mean maps side by side, histograms of the measures
+(candidate vs reference against reference vs itself) and overlays of the most-disagreeing images.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import html_report as h
+from .audit import AuditResult, Check
+from .compare import ATTENTION_MEASURES
+from .measures import measure_direction
+
+__all__ = ["render_html", "overlay_rgb"]
+
+
+def render_html(result: AuditResult) -> str:
+    """The complete HTML document for an audit result."""
+    level = "ok" if result.passed else "alert"
+    headline = f"Audit verdict: {result.verdict}"
+    details = result.reasons or [f"every check passed on {result.n_images} labelled images"]
+    parts = [h.banner(level, headline, details), _checks_table(result.checks)]
+    ev = result.evidence
+    if ev is not None:
+        parts += [_class_maps(result), _histograms(result), _worst(result)]
+    parts.append(_models(result))
+    return h.page("Model audit", *parts,
+                  subtitle=f"candidate {result.candidate.get('model')} against reference "
+                           f"{result.reference.get('model')}; {result.n_images} images, "
+                           f"thresholds at the reference's own {100 * result.quantile:g}% level")
+
+
+def overlay_rgb(pixels: np.ndarray, heat: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    """(H, W, 3) uint8: gray image `pixels` in [0, 1] with `heat` (any size, max 1) laid over
+    it in `color`, opacity proportional to the heat (bilinear upsampling to H x W)."""
+    from reference_maps.canonical import resize_maps
+
+    hh, ww = pixels.shape
+    up = np.clip(resize_maps(np.nan_to_num(heat)[None].astype(np.float32), (hh, ww))[0], 0, 1)
+    gray = np.repeat(np.clip(pixels, 0, 1)[..., None], 3, axis=2)
+    a = 0.65 * up[..., None]
+    rgb = (1 - a) * gray + a * (np.asarray(color, dtype=np.float32) / 255.0)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def _checks_table(checks: list[Check]) -> h.Markup:
+    rows, hits = [], []
+    for c in checks:
+        op = ">=" if c.higher_is_better else "<="
+        result = {True: "pass", False: "FAIL", None: "skipped"}[c.passed]
+        rows.append([c.name, result, c.figure, f"{op} {h.fmt(c.threshold)}", c.reason])
+        hits.append(c.passed is False)
+    table = h.table(["check", "result", "figure", "threshold", "reason"], rows, highlight=hits)
+    sub = [_measure_table(c) for c in checks if "measures" in c.details]
+    return h.section("Checks", table, *sub,
+                     note="Each figure is compared with a threshold taken from the reference "
+                          "model's own variability on the same images (see docs/audit.md).")
+
+
+def _measure_table(c: Check) -> h.Markup:
+    rows = [[m, v["figure"], v["threshold"], v.get("median"), v["passed"]]
+            for m, v in c.details["measures"].items()]
+    return h.table(["measure", "share of images beyond the reference's own level",
+                    "allowed share", "median value", "passed"], rows, caption=c.name,
+                   highlight=[not r[-1] for r in rows])
+
+
+def _class_maps(result: AuditResult) -> h.Markup:
+    ev = result.evidence
+    assert ev is not None
+    cards = []
+    for k, name in enumerate(result.classes):
+        imgs = [h.img(h.png_data_uri(m[k], cmap="inferno", vmin=0, vmax=1, upscale=6), f"{who} {name}")
+                for m, who in ((ev.store_cam, "stored reference"), (ev.ref_class_cam, "reference"),
+                               (ev.cand_class_cam, "candidate"))]
+        cards.append(h.Markup('<div class="card"><b>{}</b><br>{}</div>').format(
+            f"class {name}", h.Markup(" ").join(imgs)))
+    return h.section("Per-class mean attention maps", h.Markup('<div class="grid">{}</div>').format(
+        h.Markup("").join(cards)), note="Left to right: the bundle's stored class reference, the "
+                                        "reference model's mean map on the audit images, the "
+                                        "candidate's mean map (Grad-CAM of the true class).")
+
+
+def _histograms(result: AuditResult) -> h.Markup:
+    ev = result.evidence
+    assert ev is not None
+    charts = []
+    for prefix in ("", "early_"):
+        for m in ATTENTION_MEASURES:
+            name = prefix + m
+            if name not in ev.agreement:
+                continue
+            q = result.quantile if measure_direction(name) else 1 - result.quantile
+            level = float(np.nanquantile(ev.self_agreement[name], q))
+            charts.append(h.Markup('<div class="card">{}</div>').format(h.histogram_svg(
+                {"candidate vs reference": ev.agreement[name],
+                 "reference vs itself (same class)": ev.self_agreement[name]},
+                x_label=name, marker=level)))
+    return h.section("Distributions of the measures", h.Markup('<div class="grid">{}</div>').format(
+        h.Markup("").join(charts)), note="Per image: the candidate's map against the reference "
+                                         "model's map of the same image, and the reference's map "
+                                         "against its map of another image of the same class. The "
+                                         "dashed line is the reference's own tail level.")
+
+
+def _worst(result: AuditResult) -> h.Markup:
+    ev = result.evidence
+    assert ev is not None
+    cards = []
+    for j, i in enumerate(ev.worst[:len(ev.worst_pixels)]):
+        px = ev.worst_pixels[j]
+        ref = overlay_rgb(px, ev.ref_cam[i], (0, 114, 178))
+        cand = overlay_rgb(px, ev.cand_cam[i], (213, 94, 0))
+        up = max(1, 112 // max(px.shape))
+        label = result.classes[int(ev.labels[i])]
+        cos = ev.agreement.get("cosine")
+        note = f"class {label}, cosine {h.fmt(float(cos[i]), 3)}" if cos is not None else f"class {label}"
+        cards.append(h.Markup('<div class="card">{}<br>{} {}</div>').format(
+            ev.worst_sources[j] if j < len(ev.worst_sources) else f"image {i}",
+            h.img(h.png_data_uri(ref, upscale=up), "reference attention"),
+            h.img(h.png_data_uri(cand, upscale=up), "candidate attention")))
+        cards[-1] += h.Markup('<div class="note">{}</div>').format(note)
+    return h.section("Images where the candidate disagrees most", h.Markup('<div class="grid">{}</div>').format(
+        h.Markup("").join(cards)), note="Blue: the reference model's Grad-CAM; orange: the "
+                                        "candidate's, both for the true class.")
+
+
+def _models(result: AuditResult) -> h.Markup:
+    keys = sorted(set(result.reference) | set(result.candidate))
+    rows = [[k, str(result.reference.get(k, "")), str(result.candidate.get(k, ""))] for k in keys]
+    return h.section("Models", h.table(["", "reference", "candidate"], rows))
