@@ -20,7 +20,7 @@ from reference_maps.store import ReferenceStore
 
 from .bundle import Bundle
 from .compare import Comparator, higher_is_worse
-from .garbage import GarbageHead, synthetic_garbage
+from .garbage import GarbageHead, garbage_score, synthetic_garbage
 from .probe import Probe, ProbeResult, open_probe
 from .spec import ModelSpec
 
@@ -181,12 +181,7 @@ class _Scorer:
 
     def scores(self, res: ProbeResult) -> dict[str, np.ndarray]:
         s = self.comparator.score(res)
-        if self.head is not None:
-            s["garbage"] = self.head.garbage_probability(res.features)
-        else:
-            z = res.logits - res.logits.max(axis=1, keepdims=True)
-            e = np.exp(z)
-            s["garbage"] = (e[:, self.spec.garbage_class] / e.sum(axis=1)).astype(np.float64)
+        s["garbage"] = garbage_score(res.logits, res.features, self.head, self.spec.garbage_class)
         return s
 
 

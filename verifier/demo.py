@@ -51,7 +51,7 @@ def run_demo(out: str | Path = "demo-out", alpha: float = 0.05, n_ood: int = 200
     from .gate import Gatekeeper
     from .io import save_dataset
     from .spec import load_spec
-    from .zoo import SmallCNN, mnist_spec
+    from .zoo import mnist_spec
 
     t_start = time.perf_counter()
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["GarbageHead", "synthetic_garbage", "GARBAGE_KINDS"]
+__all__ = ["GarbageHead", "garbage_score", "synthetic_garbage", "GARBAGE_KINDS"]
 
 
 class GarbageHead:
@@ -68,6 +68,18 @@ class GarbageHead:
         head.coef_, head.intercept_ = arrays["coef"], arrays["intercept"]
         head.mean_, head.scale_ = arrays["mean"], arrays["scale"]
         return head
+
+
+def garbage_score(logits: np.ndarray, features: np.ndarray, head: GarbageHead | None,
+                  garbage_class: int | None) -> np.ndarray:
+    """(n,) P(garbage): the model's own garbage output when the spec names one, else the head's."""
+    if garbage_class is not None:
+        z = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return (e[:, garbage_class] / e.sum(axis=1)).astype(np.float64)
+    if head is None:
+        raise ValueError("no garbage head and no model garbage output")
+    return head.garbage_probability(features)
 
 
 def synthetic_garbage(reference: np.ndarray, n: int, seed: int = 0,
