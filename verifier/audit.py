@@ -191,7 +191,7 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
                                      batch_size))
     if roi is not None:
         masks = _load_masks(roi, labelled, runs.kept, labels, bundle, data)
-        checks.extend(_region_checks(ref.cam, cand.cam, masks))
+        checks.extend(_region_checks(ref.cam, cand.cam, masks, tolerance * q))
     verdict = "FAIL" if any(c.passed is False for c in checks) else "PASS"
     order = _disagreement_order(agreement)[:max(0, int(worst))]
     pixels, sources = _worst_pixels(labelled, runs.kept[order], bundle.spec, batch_size)
@@ -458,15 +458,17 @@ def _ood_confidence(ood: Any, spec: ModelSpec, probe: Probe, k: int, batch_size:
 
 
 # ------------------------------------------------------------------ expected regions
-def _region_checks(ref_cam: np.ndarray, cand_cam: np.ndarray, masks: np.ndarray) -> list[Check]:
-    """Share of attention mass inside the mask and pointing-game hit rate, candidate
-    against the reference model's own figures (less their 95% sampling margins)."""
+def _region_checks(ref_cam: np.ndarray, cand_cam: np.ndarray, masks: np.ndarray,
+                   slack: float) -> list[Check]:
+    """Share of attention mass inside the mask and pointing-game hit rate: the candidate must
+    reach (1 - slack) x the reference model's own figure, less the 95% paired sampling margin."""
     out = []
     share = {k: _mass_share(m, masks) for k, m in (("ref", ref_cam), ("cand", cand_cam))}
     hits = {k: _pointing_hits(m, masks) for k, m in (("ref", ref_cam), ("cand", cand_cam))}
     n = len(masks)
     s_ref, s_cand = float(share["ref"].mean()), float(share["cand"].mean())
-    lo = s_ref - 1.96 * float(share["ref"].std(ddof=1)) / math.sqrt(max(n - 1, 1))
+    diff_se = float((share["cand"] - share["ref"]).std(ddof=1)) / math.sqrt(max(n - 1, 1))
+    lo = (1 - slack) * s_ref - 1.96 * diff_se
     reason = (f"expected regions: {100 * s_cand:.1f}% of the candidate's attention lies inside "
               f"the expected-region masks, the reference model's {100 * s_ref:.1f}% "
               f"(lowest acceptable {100 * lo:.1f}%)")
@@ -475,7 +477,7 @@ def _region_checks(ref_cam: np.ndarray, cand_cam: np.ndarray, masks: np.ndarray)
     out.append(Check("regions_attention_mass", "regions", s_cand, lo, s_cand >= lo, reason,
                      details={"reference": s_ref, "n": n}))
     h_ref, h_cand = float(hits["ref"].mean()), float(hits["cand"].mean())
-    lo = h_ref - _diff_margin(h_ref, h_cand, n)
+    lo = (1 - slack) * h_ref - _diff_margin(h_ref, h_cand, n)
     reason = (f"pointing game: the candidate's attention peak falls inside the expected region "
               f"on {100 * h_cand:.1f}% of images, the reference model's on {100 * h_ref:.1f}% "
               f"(lowest acceptable {100 * lo:.1f}%)")
