@@ -75,15 +75,12 @@ def batch() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, tuple[nn.Module, Path]]:
-    """SmallCNN with each head, trained 2 epochs on 2000 real digits, and its ONNX export."""
-    x, y = load_mnist()
+def models(tmp_path_factory, gap_model, fc_model) -> dict[str, tuple[nn.Module, Path]]:
+    """The session's SmallCNNs (conftest: gap and fc heads trained on 3,000 real digits,
+    which exclude the digits of `batch`) and their ONNX exports."""
     out = tmp_path_factory.mktemp("onnx")
-    res = {}
-    for head in ("gap", "fc"):
-        m = train_classifier(SmallCNN(head=head), x[:2000], y[:2000], epochs=2, seed=0)
-        res[head] = (m, export_onnx(m, mnist_spec(m), out / f"{head}.onnx"))
-    return res
+    return {head: (m, export_onnx(m, mnist_spec(m), out / f"{head}.onnx"))
+            for head, m in (("gap", gap_model), ("fc", fc_model))}
 
 
 def assert_matches(res, ref, cam_cos: float = 0.999) -> None:

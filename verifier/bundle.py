@@ -105,12 +105,18 @@ class Bundle:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model: Any = None, check_model: bool = True) -> Bundle:
+    def load(cls, path: str | Path, model: Any = None, check_model: bool = True,
+             spec: ModelSpec | None = None) -> Bundle:
         """Read and verify a bundle. `model` (an nn.Module) is needed only for bundles
         built from an in-memory module; it must have the fingerprint the bundle was built for.
 
         `check_model=False` skips the model (drift reports need only the calibration):
         checksums are still verified, but such a bundle cannot open a probe.
+
+        `spec` opens the bundle with another model file (e.g. the ONNX export of the
+        module it was built from): its classes, garbage output and input contract must be
+        the bundle's, and its fingerprint the bundle's own or one declared compatible with
+        `verifier.compat.declare_compatible` (declarations are verified on every load).
         """
         path = Path(path)
         try:
@@ -120,11 +126,20 @@ class Bundle:
         m = art.manifest
         expected = m["model_fingerprint"]
         compatible = m.get("compatible_fingerprints", {})
-        if not check_model and model is None and "path" not in tomllib.loads(
-                art.files.get("spec.toml", b"[model]").decode("utf-8")).get("model", {}):
-            model = _NO_MODEL
-        spec = _load_spec(path, art.files.get("spec.toml"), model)
-        actual = expected if model is _NO_MODEL else model_fingerprint(spec)
+        if compatible:
+            from .compat import verify_declarations
+            verify_declarations(path, m, art.arrays, art.files.get("spec.toml", b""))
+        if spec is not None:
+            if model is not None:
+                raise BundleError("give the bundle's module (model=) or another model (spec=), not both")
+            spec = _override_spec(path, art.files.get("spec.toml"), spec)
+            actual = model_fingerprint(spec)
+        else:
+            if not check_model and model is None and "path" not in tomllib.loads(
+                    art.files.get("spec.toml", b"[model]").decode("utf-8")).get("model", {}):
+                model = _NO_MODEL
+            spec = _load_spec(path, art.files.get("spec.toml"), model)
+            actual = expected if model is _NO_MODEL else model_fingerprint(spec)
         if check_model and actual != expected and actual not in compatible.values():
             raise BundleError(
                 f"bundle {path} was built for model {_short(expected)}, but the model given has "
@@ -177,6 +192,32 @@ def _load_spec(path: Path, raw: bytes | None, model: Any) -> ModelSpec:
         return _spec_with_module(tables, path, model)
     except SpecError as e:
         raise BundleError(f"bundle {path}: {e}") from None
+
+
+#: spec fields another model must share with the bundle's (layers may be named per backend)
+CONTRACT_FIELDS = ("classes", "garbage_class", "size", "channels", "mean", "std")
+
+
+def contract_differences(stored: dict, spec: ModelSpec) -> list[str]:
+    """`field: bundle value != given value` for every contract field that differs."""
+    given = spec.to_toml_dict()
+    out = []
+    for key in CONTRACT_FIELDS:
+        table = "model" if key in ("classes", "garbage_class") else "input"
+        a, b = stored.get(table, {}).get(key), given[table].get(key)
+        if a != b:
+            out.append(f"{table}.{key}: bundle {a!r} != given {b!r}")
+    return out
+
+
+def _override_spec(path: Path, raw: bytes | None, spec: ModelSpec) -> ModelSpec:
+    if raw is None:
+        raise BundleError(f"bundle {path} has no spec.toml")
+    diff = contract_differences(tomllib.loads(raw.decode("utf-8")), spec)
+    if diff:
+        raise BundleError(f"bundle {path}: the model spec given does not match the bundle's "
+                          f"input contract ({'; '.join(diff)})")
+    return spec
 
 
 def _spec_with_module(tables: dict, path: Path, model: Any) -> ModelSpec:

@@ -19,6 +19,7 @@ from .bundle import Bundle
 from .compare import Comparator, score_family
 from .decision import Decision
 from .probe import Probe, ProbeResult, open_probe
+from .spec import ModelSpec
 
 __all__ = ["Gatekeeper", "BatchScores", "STAGES"]
 
@@ -63,9 +64,11 @@ class Gatekeeper:
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None, alpha: float | None = None,
-             device: str | None = None, batch_size: int = 64) -> Gatekeeper:
-        """Load a bundle (verifying checksums and the model fingerprint) and open its probe."""
-        bundle = Bundle.load(path, model=model)
+             device: str | None = None, batch_size: int = 64,
+             spec: ModelSpec | None = None) -> Gatekeeper:
+        """Load a bundle (verifying checksums and the model fingerprint) and open its probe.
+        `spec`: gate with another model file declared compatible (see `Bundle.load`)."""
+        bundle = Bundle.load(path, model=model, spec=spec)
         return cls(bundle, open_probe(bundle.spec, device=device), alpha=alpha, batch_size=batch_size)
 
     # ------------------------------------------------------------------ public

@@ -1,0 +1,347 @@
+"""Declaring another model file compatible with a bundle (e.g. the ONNX export of its model).
+
+The rule: a bundle is valid only for the model it was calibrated with (its
+`model_fingerprint`). Another model is accepted (`Bundle.load(path, spec=other)`,
+`Gatekeeper.load(path, spec=other)`, `Gatekeeper(bundle, probe=...)`) only once
+`declare_compatible` has measured, on real images plus the builder's synthetic
+garbage made from them, that both models give
+
+- the same predicted class on every image,
+- logits within `LOGIT_REL_TOL * max(1, largest |logit|)` (max abs difference),
+- Grad-CAM maps with cosine >= `CAM_COSINE_MIN` on every image (two maps whose
+  norms are both ~0 agree),
+- the same gate decision on every image (`Gatekeeper.score_batch(...).accept`),
+
+and has rewritten the bundle (load, then save through the same atomic write path)
+with `compatible_fingerprints[label]` and the figures in `info["compatibility"][label]`.
+
+Each declaration carries a `seal`: sha256 over the declaration record and a digest
+of the bundle's content (calibration and reference arrays, spec, alpha, classes, the
+bundle's own model fingerprint). `Bundle.load` verifies every seal, so a fingerprint
+added to `manifest.json` by hand, a figure edited, or a declaration copied into
+another bundle is refused. The seal is integrity, not authenticity: it has no secret
+key, so whoever can run this code can compute a seal for anything (docs/onnx.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle, BundleError, contract_differences
+from .spec import ModelSpec, model_fingerprint
+
+__all__ = ["declare_compatible", "verify_declarations", "parity_figures", "CompatibilityError",
+           "LOGIT_REL_TOL", "CAM_COSINE_MIN", "SEAL_VERSION"]
+
+#: logits may differ by at most this times max(1, largest |logit| of the bundle's model)
+LOGIT_REL_TOL = 1e-4
+#: every image's Grad-CAM cosine between the two models must reach this
+CAM_COSINE_MIN = 0.999
+#: a map whose norm is below this times max(1, largest map norm in the batch) counts as ~0
+ZERO_NORM_REL = 1e-6
+#: version of the seal's hashed layout
+SEAL_VERSION = 1
+#: manifest keys a declaration is bound to (besides arrays and spec.toml)
+_BOUND_KEYS = ("kind", "format_version", "model_fingerprint", "alpha", "combine",
+               "calibration_size", "classes", "grid", "higher_is_worse", "reference_metadata")
+
+
+class CompatibilityError(BundleError):
+    """Another model is not compatible with a bundle; the message names the failing figure."""
+
+
+# ------------------------------------------------------------------ declaring
+def declare_compatible(bundle_path: str | Path, other: ModelSpec, images: Any, *,
+                       model: Any = None, label: str | None = None, out: str | Path | None = None,
+                       garbage: int | None = None, batch_size: int = 64, seed: int = 0) -> dict:
+    """Measure `other` against the bundle's model and, if it passes the rule, declare it.
+
+    bundle_path: a bundle; `model` is its nn.Module when it was built from one.
+    other: the spec of the other model (same classes, garbage output and input contract).
+    images: real in-distribution images, as `Gatekeeper.gate` takes them (files, folders,
+        or raw pixels (N, H, W[, C])); `garbage` synthetic garbage images are made from
+        them (default: half as many, at least 32) so out-of-distribution inputs count too.
+    label: the declaration's name (default: the other model's file name).
+    out: write the declared bundle there instead of rewriting `bundle_path` in place.
+
+    Returns the declaration record (figures, fingerprints, seal). Raises
+    `CompatibilityError` with the failing figure; the bundle is then left unchanged.
+    """
+    from .gate import Gatekeeper
+    from .probe import open_probe
+
+    bundle_path = Path(bundle_path)
+    bundle = Bundle.load(bundle_path, model=model)
+    label = label if label is not None else (other.path.name if other.path is not None else "module")
+    if not isinstance(label, str) or not label:
+        raise ValueError("label must be a non-empty string")
+    stored = bundle.spec.to_toml_dict()
+    diff = contract_differences(stored, other)
+    if diff:
+        raise CompatibilityError(f"{_name(other)} cannot be declared compatible with bundle "
+                                 f"{bundle_path}: its input contract differs ({'; '.join(diff)})")
+    fp = model_fingerprint(other)
+    if fp == bundle.model_fingerprint:
+        raise ValueError(f"{_name(other)} is the bundle's own model (same fingerprint): "
+                         "nothing to declare")
+
+    base_probe = open_probe(bundle.spec)
+    other_probe = open_probe(other)
+    base_gate = Gatekeeper(bundle, probe=base_probe, batch_size=batch_size)
+    trial = replace(bundle, compatible_fingerprints={**bundle.compatible_fingerprints, label: fp})
+    other_gate = Gatekeeper(trial, probe=other_probe, batch_size=batch_size)
+
+    x, unreadable = _inputs(images, bundle.spec, batch_size)
+    n_garbage = max(32, len(x) // 2) if garbage is None else int(garbage)
+    g = _garbage(x, bundle.spec, n_garbage, seed)
+    figures = parity_figures(base_gate, other_gate, np.concatenate([x, g]) if len(g) else x,
+                             n_real=len(x), batch_size=batch_size)
+    figures["unreadable_inputs"] = unreadable
+    _enforce(figures, _name(other), bundle_path)
+
+    record = {
+        "fingerprint": fp,
+        "bundle_model_fingerprint": bundle.model_fingerprint,
+        "model": {"file": other.path.name if other.path is not None else None,
+                  "backend": other.backend,
+                  "target_layer": other_probe.target_layer,
+                  "early_layer": other_probe.early_layer,
+                  "gradient_method": other_probe.gradient_method},
+        "bundle_probe": {"backend": bundle.spec.backend, "target_layer": base_probe.target_layer,
+                         "early_layer": base_probe.early_layer,
+                         "gradient_method": base_probe.gradient_method},
+        "rule": {"logit_rel_tol": LOGIT_REL_TOL, "cam_cosine_min": CAM_COSINE_MIN,
+                 "same_class": True, "same_gate_decision": True},
+        "figures": figures,
+        "declared_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    bundle.compatible_fingerprints = {**bundle.compatible_fingerprints, label: fp}
+    compat = dict(bundle.info.get("compatibility", {}))
+    compat[label] = record
+    bundle.info = {**bundle.info, "compatibility": compat}
+    _save_sealed(bundle, Path(out) if out is not None else bundle_path)
+    return bundle.info["compatibility"][label]
+
+
+def parity_figures(base_gate: Any, other_gate: Any, x: np.ndarray, *, n_real: int | None = None,
+                   batch_size: int = 64) -> dict[str, Any]:
+    """Compare two gates (same bundle, two probes) on preprocessed (N, C, H, W) images.
+
+    Returns plain-JSON figures; the first `n_real` rows are real images, the rest garbage.
+    Lists of offending indices are truncated to 20.
+    """
+    n = len(x)
+    n_real = n if n_real is None else int(n_real)
+    cls_a, cls_b, acc_a, acc_b, p_a, p_b, cos = [], [], [], [], [], [], []
+    logit_diff = feat_diff = early_diff = scale = 0.0
+    for i in range(0, n, batch_size):
+        a, b = base_gate.score_batch(x[i:i + batch_size]), other_gate.score_batch(x[i:i + batch_size])
+        ra, rb = a.result, b.result
+        cls_a.append(a.predicted)
+        cls_b.append(b.predicted)
+        acc_a.append(a.accept)
+        acc_b.append(b.accept)
+        p_a.append(a.p_value)
+        p_b.append(b.p_value)
+        cos.append(map_cosine(ra.cam, rb.cam))
+        scale = max(scale, float(np.abs(ra.logits).max(initial=0.0)))
+        logit_diff = max(logit_diff, _maxabs(ra.logits, rb.logits, "logits"))
+        feat_diff = max(feat_diff, _maxabs(ra.features, rb.features, "penultimate features"))
+        early_diff = max(early_diff, _maxabs(ra.early_map, rb.early_map, "early maps"))
+        if ra.cam.shape != rb.cam.shape:
+            raise CompatibilityError(f"Grad-CAM maps have shapes {list(ra.cam.shape[1:])} and "
+                                     f"{list(rb.cam.shape[1:])}: the two models' target layers differ")
+    cls_a, cls_b = np.concatenate(cls_a), np.concatenate(cls_b)
+    acc_a, acc_b = np.concatenate(acc_a), np.concatenate(acc_b)
+    p_a, p_b, cos = np.concatenate(p_a), np.concatenate(p_b), np.concatenate(cos)
+    alpha = base_gate.alpha
+    return {
+        "images": n_real,
+        "garbage_images": n - n_real,
+        "class_disagreements": _where(cls_a != cls_b),
+        "class_disagreement_count": int((cls_a != cls_b).sum()),
+        "logit_max_abs_diff": logit_diff,
+        "logit_scale": scale,
+        "logit_tolerance": LOGIT_REL_TOL * max(1.0, scale),
+        "cam_cosine_min": float(cos.min()) if n else 1.0,
+        "cam_cosine_median": float(np.median(cos)) if n else 1.0,
+        "cam_below_min": _where(cos < CAM_COSINE_MIN),
+        "feature_max_abs_diff": feat_diff,
+        "early_map_max_abs_diff": early_diff,
+        "gate_disagreements": _where(acc_a != acc_b),
+        "gate_disagreement_count": int((acc_a != acc_b).sum()),
+        "accepted": {"bundle_model": int(acc_a.sum()), "other": int(acc_b.sum())},
+        "accepted_real": {"bundle_model": int(acc_a[:n_real].sum()), "other": int(acc_b[:n_real].sum())},
+        "p_value_max_abs_diff": float(np.abs(p_a - p_b).max(initial=0.0)),
+        "alpha": alpha,
+        # how close the bundle model's p-values come to the threshold (a flip needs this much)
+        "p_value_min_margin_to_alpha": float(np.abs(p_a - alpha).min(initial=1.0)),
+    }
+
+
+def map_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image cosine of (N, ...) maps; two maps whose norms are both ~0 agree (1.0)."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    tiny = ZERO_NORM_REL * max(1.0, float(np.max(na, initial=0.0)), float(np.max(nb, initial=0.0)))
+    both_zero = (na <= tiny) & (nb <= tiny)
+    return np.where(both_zero, 1.0, (a * b).sum(1) / np.maximum(na * nb, 1e-300))
+
+
+def _enforce(f: dict[str, Any], name: str, bundle_path: Path) -> None:
+    head = f"{name} is not compatible with bundle {bundle_path}: "
+    n = f["images"] + f["garbage_images"]
+    if f["class_disagreement_count"]:
+        raise CompatibilityError(head + f"predicted classes differ on {f['class_disagreement_count']} "
+                                 f"of {n} images ({_describe(f['class_disagreements'], f['images'])})")
+    if f["logit_max_abs_diff"] > f["logit_tolerance"]:
+        raise CompatibilityError(head + f"logits differ by up to {f['logit_max_abs_diff']:.3g} "
+                                 f"> tolerance {f['logit_tolerance']:.3g} "
+                                 f"({LOGIT_REL_TOL:g} x max(1, logit scale {f['logit_scale']:.3g}))")
+    if f["cam_cosine_min"] < CAM_COSINE_MIN:
+        raise CompatibilityError(head + f"Grad-CAM cosine {f['cam_cosine_min']:.6f} < {CAM_COSINE_MIN} "
+                                 f"({_describe(f['cam_below_min'], f['images'])})")
+    if f["gate_disagreement_count"]:
+        raise CompatibilityError(head + f"gate decisions differ on {f['gate_disagreement_count']} of "
+                                 f"{n} images ({_describe(f['gate_disagreements'], f['images'])}; "
+                                 f"p-values differ by up to {f['p_value_max_abs_diff']:.3g})")
+
+
+# ------------------------------------------------------------------ sealing
+def verify_declarations(path: Path, manifest: Mapping[str, Any],
+                        arrays: Mapping[str, Mapping[str, np.ndarray]], spec_toml: bytes) -> None:
+    """Refuse (BundleError) a bundle whose compatibility declarations are not all sealed
+    over its present content. Called by `Bundle.load` on every bundle that has some."""
+    declared = manifest.get("compatible_fingerprints") or {}
+    if not isinstance(declared, dict):
+        raise BundleError(f"bundle {path}: compatible_fingerprints must be a JSON object")
+    records = (manifest.get("info") or {}).get("compatibility") or {}
+    content = None
+    for label, fp in sorted(declared.items()):
+        rec = records.get(label) if isinstance(records, dict) else None
+        why = None
+        if not isinstance(rec, dict) or "seal" not in rec:
+            why = "it has no sealed declaration record (info.compatibility)"
+        elif rec.get("fingerprint") != fp:
+            why = "its fingerprint differs from the one its declaration record measured"
+        else:
+            content = content or content_digest(manifest, arrays, spec_toml)
+            if rec["seal"] != _seal(label, rec, content):
+                why = ("its seal does not match the record and this bundle's content "
+                       "(edited by hand, or copied from another bundle)")
+        if why:
+            raise BundleError(
+                f"bundle {path}: the compatibility declaration {label!r} for model "
+                f"{str(fp).split(':')[-1][:12]} is refused: {why}. Only "
+                f"verifier.compat.declare_compatible may add one; re-declare the model with it")
+
+
+def content_digest(manifest: Mapping[str, Any], arrays: Mapping[str, Mapping[str, np.ndarray]],
+                   spec_toml: bytes) -> str:
+    """sha256 of what a declaration is bound to: the calibration-defining manifest fields,
+    spec.toml, and every array's name, dtype, shape and bytes (not file bytes, which
+    carry zip timestamps)."""
+    h = hashlib.sha256()
+    bound = {k: manifest.get(k) for k in _BOUND_KEYS}
+    h.update(json.dumps(bound, sort_keys=True, allow_nan=False).encode("utf-8"))
+    h.update(b"\0spec.toml\0" + bytes(spec_toml))
+    for group in sorted(arrays):
+        for key in sorted(arrays[group]):
+            a = np.ascontiguousarray(arrays[group][key])
+            h.update(f"\0{group}/{key}\0{a.dtype.str}\0{list(a.shape)}\0".encode("utf-8"))
+            h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _seal(label: str, record: Mapping[str, Any], content: str) -> str:
+    body = {k: v for k, v in record.items() if k != "seal"}
+    text = json.dumps({"seal_version": SEAL_VERSION, "label": label, "record": body,
+                       "content": content}, sort_keys=True, allow_nan=False)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _save_sealed(bundle: Bundle, out: Path) -> None:
+    """Save `bundle` to `out` with every declaration sealed over the content it is saved with.
+
+    The content digest is read back from a first save to a temporary sibling (the same
+    in-memory objects are then saved to `out`, so the arrays are identical); `out` is
+    replaced atomically, once, by the second save.
+    """
+    from reference_maps.artifact import read_artifact
+
+    from .bundle import BUNDLE_FORMAT_VERSION, BUNDLE_KIND
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.seal-{uuid.uuid4().hex[:12]}"
+    compat = {label: {k: v for k, v in rec.items() if k != "seal"}
+              for label, rec in bundle.info.get("compatibility", {}).items()}
+    bundle.info = {**bundle.info, "compatibility": compat}
+    try:
+        bundle.save(tmp)
+        art = read_artifact(tmp, kind=BUNDLE_KIND, supported_versions={BUNDLE_FORMAT_VERSION})
+        # the saved manifest holds the info as JSON: seal what load will read back
+        saved = art.manifest["info"]["compatibility"]
+        content = content_digest(art.manifest, art.arrays, art.files.get("spec.toml", b""))
+        for label in bundle.compatible_fingerprints:
+            compat[label] = {**saved[label], "seal": _seal(label, saved[label], content)}
+        bundle.info = {**bundle.info, "compatibility": compat}
+        bundle.save(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    Bundle.load(out, model=bundle.spec.module)  # fails loudly if a seal does not verify
+
+
+# ------------------------------------------------------------------ inputs
+def _inputs(images: Any, spec: ModelSpec, batch_size: int) -> tuple[np.ndarray, int]:
+    from .io import iter_batches
+
+    parts, bad = [], 0
+    for records, x in iter_batches(images, spec, batch_size=batch_size):
+        bad += sum(r.error is not None for r in records)
+        if len(x):
+            parts.append(x)
+    if not parts:
+        raise ValueError("declare_compatible needs at least one readable image")
+    return np.concatenate(parts), bad
+
+
+def _garbage(x: np.ndarray, spec: ModelSpec, n: int, seed: int) -> np.ndarray:
+    if n <= 0:
+        return np.empty((0, *x.shape[1:]), dtype=np.float32)
+    from .builder import _raw_pixels, _to_input
+    from .garbage import synthetic_garbage
+
+    synth, _ = synthetic_garbage(_raw_pixels(x, spec), n, seed=seed)
+    return _to_input(synth, spec)
+
+
+def _maxabs(a: np.ndarray, b: np.ndarray, what: str) -> float:
+    if a.shape != b.shape:
+        raise CompatibilityError(f"the two models' {what} have different shapes "
+                                 f"{list(a.shape[1:])} and {list(b.shape[1:])}")
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0.0))
+
+
+def _where(mask: np.ndarray) -> list[int]:
+    return [int(i) for i in np.flatnonzero(mask)[:20]]
+
+
+def _describe(idx: Sequence[int], n_real: int) -> str:
+    if not idx:
+        return "none listed"
+    names = [f"real image {i}" if i < n_real else f"garbage image {i - n_real}" for i in idx[:5]]
+    return "first: " + ", ".join(names)
+
+
+def _name(spec: ModelSpec) -> str:
+    return f"model {spec.path.name}" if spec.path is not None else "the given module"
