@@ -18,6 +18,7 @@ from calibration.combine import merge_bonferroni
 from .bundle import Bundle
 from .compare import Comparator, score_family
 from .decision import Decision
+from .garbage import garbage_score
 from .probe import Probe, ProbeResult, open_probe
 from .spec import ModelSpec
 
@@ -105,7 +106,8 @@ class Gatekeeper:
         real = result.logits[:, : self.bundle.spec.num_classes]
         predicted = result.cam_class
         confidence = _softmax_at(real, predicted)
-        scores["garbage"] = self._garbage_score(result)
+        scores["garbage"] = garbage_score(result.logits, result.features, self.bundle.head,
+                                          self.bundle.spec.garbage_class)
         t2 = time.perf_counter()
         b = self.bundle
         p_values = b.calibrator.p_values(scores, predicted)
@@ -118,15 +120,6 @@ class Gatekeeper:
         return BatchScores(result, scores, p_values, p_value, predicted, confidence, accept, family_p)
 
     # ----------------------------------------------------------------- helpers
-    def _garbage_score(self, result: ProbeResult) -> np.ndarray:
-        g = self.bundle.spec.garbage_class
-        if g is not None:  # the model's own garbage output
-            z = result.logits - result.logits.max(axis=1, keepdims=True)
-            e = np.exp(z)
-            return (e[:, g] / e.sum(axis=1)).astype(np.float64)
-        assert self.bundle.head is not None
-        return self.bundle.head.garbage_probability(result.features)
-
     def _combined(self, scores: dict[str, np.ndarray], p_values: dict[str, np.ndarray],
                   predicted: np.ndarray) -> np.ndarray:
         b = self.bundle
