@@ -117,3 +117,27 @@ def test_serve_gates_posted_images(cli_bundle, mnist, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_declare_a_torchscript_copy_then_gate_with_it(cli_bundle, gap_model, mnist, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(cli_bundle / "bundle", bundle)
+    traced = torch.jit.trace(gap_model.eval(), torch.zeros(1, 1, 28, 28))
+    traced.save(str(tmp_path / "model.pt"))
+    spec = (cli_bundle / "model.toml").read_text().replace("model.onnx", "model.pt")
+    (tmp_path / "ts.toml").write_text(spec)
+    folder = tmp_path / "in"
+    save_dataset(mnist[0][POOL][:60], mnist[1][POOL][:60], [str(i) for i in range(10)], folder)
+    args = ["gate", "--bundle", str(bundle), "--spec", str(tmp_path / "ts.toml"), str(folder), "--json"]
+    assert main(args) == 2
+    assert "was built for model" in capsys.readouterr().err
+    assert main(["declare", "--bundle", str(bundle), "--spec", str(tmp_path / "ts.toml"), "--data", str(folder)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["fingerprint"].startswith("sha256:") if "fingerprint" in record else record
+    assert main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 60 and sum(d["decision"] == "accept" for d in lines) >= 50

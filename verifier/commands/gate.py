@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--json", action="store_true", help="one JSON object per input per line")
     p.add_argument("--log", metavar="DIR", help="append decisions to the Parquet decision log in DIR")
+    p.add_argument("--spec", help="gate with another model file declared compatible ('verifier declare')")
     p.add_argument("--alpha", type=float, help="override the bundle's target false-rejection rate")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="cpu or cuda (default: the model's)")
@@ -27,8 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..gate import Gatekeeper
+    from ..spec import load_spec
 
-    gate = Gatekeeper.load(args.bundle, alpha=args.alpha, device=args.device, batch_size=args.batch_size)
+    gate = Gatekeeper.load(args.bundle, spec=load_spec(args.spec) if args.spec else None, alpha=args.alpha, device=args.device, batch_size=args.batch_size)
     decisions = gate.gate(args.inputs, log=args.log, progress=not args.json)
     if args.json:
         for d in decisions:

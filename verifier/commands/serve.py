@@ -19,14 +19,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--log", metavar="DIR", help="append every decision to the Parquet decision log in DIR")
+    p.add_argument("--spec", help="gate with another model file declared compatible ('verifier declare')")
     p.add_argument("--alpha", type=float, help="override the bundle's target false-rejection rate")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..gate import Gatekeeper
+    from ..spec import load_spec
     from ..serve import make_server
 
-    gate = Gatekeeper.load(args.bundle, alpha=args.alpha)
+    gate = Gatekeeper.load(args.bundle, spec=load_spec(args.spec) if args.spec else None, alpha=args.alpha)
     server = make_server(gate, args.host, args.port, log=args.log)
     print(f"verifier serving bundle {gate.bundle.bundle_id} on http://{args.host}:{server.server_port} "
           f"(POST /gate, GET /health); Ctrl-C stops", file=sys.stderr)
