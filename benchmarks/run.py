@@ -330,7 +330,8 @@ def bench_memory(counts: list[int], real: bool, threads: int | None) -> dict[str
         rows = [v for v in out[kind].values() if "error" not in v]
         if len(rows) == len(counts) and len(rows) >= 2:
             for key in ("tracemalloc_peak_mb", "rss_peak_delta_mb"):
-                out[kind][f"{key} ratio {counts[-1]}/{counts[0]}"] = rows[-1][key] / rows[0][key]
+                if rows[0][key] > 0:
+                    out[kind][f"{key} ratio {counts[-1]}/{counts[0]}"] = rows[-1][key] / rows[0][key]
     return out
 
 
@@ -344,6 +345,7 @@ def _memory_child(kind: str, n: int) -> dict[str, Any]:
 
     gc.collect()
     rss0 = _rss_mb()
+    sampler = _PeakRSS()
     tracemalloc.start()
     t0 = time.perf_counter()
     if kind == "streaming_resnet_shapes":
@@ -378,6 +380,7 @@ def _memory_child(kind: str, n: int) -> dict[str, Any]:
         torch.manual_seed(0)
         spec = mnist_spec(SmallCNN().eval())
         tracemalloc.stop()
+        sampler.stop()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "ref.npy"
             mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 28, 28))
@@ -393,6 +396,7 @@ def _memory_child(kind: str, n: int) -> dict[str, Any]:
             images = np.load(path, mmap_mode="r")
             gc.collect()
             rss0 = _rss_mb()
+            sampler = _PeakRSS()
             tracemalloc.start()
             t0 = time.perf_counter()
             build_bundle(spec, (images, labels), Path(tmp) / "bundle", calibration=(x[:300], y[:300]))
@@ -401,7 +405,7 @@ def _memory_child(kind: str, n: int) -> dict[str, Any]:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return {"images": n, "what": what, "seconds": seconds, "tracemalloc_peak_mb": peak / 2**20,
-            "rss_peak_delta_mb": _rss_mb() - rss0}
+            "rss_peak_delta_mb": sampler.stop() - rss0}
 
 
 def _limit_threads(n: int) -> None:
@@ -413,8 +417,33 @@ def _limit_threads(n: int) -> None:
 
 
 def _rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+    """Current resident set size of this process, MiB."""
+    with contextlib.suppress(OSError):
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _PeakRSS:
+    """Samples the current RSS every 2 ms on a thread; `.peak` is the highest seen (MiB)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+        return self.peak
 
 
 # ----------------------------------------------------------------------------- report
@@ -472,6 +501,14 @@ def print_report(res: dict[str, Any]) -> None:
                 print(f"   {n}: {v:.3f}")
 
 
+def _write(path: Path, res: dict[str, Any]) -> None:
+    """Write the results so far (a crash late in the run keeps the earlier sections)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -511,14 +548,15 @@ def main(argv: list[str] | None = None) -> int:
                 r = res["throughput"][f"{case.name}/{device}"] = bench_case(case, device, reps, work, log_dir)
                 print(f"  builds {r['build_seconds_torch']:.0f} s + {r['build_seconds_onnx']:.0f} s, "
                       f"case {time.perf_counter() - t_case:.0f} s", flush=True)
+                _write(args.out, res)
     print("measuring Wasserstein exact vs fast ...", flush=True)
     res["wasserstein"] = bench_wasserstein(40 if quick else 200)
+    _write(args.out, res)
     print("measuring reference-build memory ...", flush=True)
     res["memory"] = bench_memory([2000, 20000], real=not quick, threads=args.threads)
     res["seconds"] = time.perf_counter() - t_start
     print_report(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    _write(args.out, res)
     print(f"\nwrote {args.out} ({res['seconds']:.0f} s)")
     return 0
 
