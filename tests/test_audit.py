@@ -13,22 +13,13 @@ import torch
 
 from verifier.audit import AuditError, audit, write_html
 from verifier.bundle import Bundle
-from verifier.zoo import SmallCNN, mnist_spec, train_classifier
+from verifier.zoo import SmallCNN, add_class_marker, mnist_spec, train_classifier
 
 TRAIN, CAL = slice(0, 3000), slice(3000, 3600)  # as in conftest.py
 
 torch.set_num_threads(2)
 
 AUDIT = slice(3600, 4400)  # 800 held-out digits: the "deployment site" images
-
-
-def add_marker(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """A bright 4x4 square whose position encodes the label, in the empty top or bottom rows."""
-    out = np.array(images, copy=True)
-    for i, lab in enumerate(labels):
-        row, col = (0 if lab < 5 else 24), (int(lab) % 5) * 5 + 1
-        out[i, row:row + 4, col:col + 4] = 255
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +53,9 @@ def seed_result(mnist, reference, seed_model):
 def shortcut_result(mnist, reference):
     x, y = mnist
     torch.manual_seed(3)
-    model = train_classifier(SmallCNN(head="gap"), add_marker(x[TRAIN], y[TRAIN]), y[TRAIN],
+    model = train_classifier(SmallCNN(head="gap"), add_class_marker(x[TRAIN], y[TRAIN]), y[TRAIN],
                              epochs=4, seed=3)
-    return audit(reference, mnist_spec(model), (add_marker(x[AUDIT], y[AUDIT]), y[AUDIT]))
+    return audit(reference, mnist_spec(model), (add_class_marker(x[AUDIT], y[AUDIT]), y[AUDIT]))
 
 
 def test_retrained_candidate_passes(seed_result):

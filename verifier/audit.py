@@ -315,9 +315,10 @@ def _per_image_check(name: str, family: str, cand: dict[str, np.ndarray],
     bad = sorted((m for m, v in per.items() if not v["passed"]), key=lambda m: -per[m]["figure"])
     what = "Grad-CAM attention" if family == "attention" else "early feature maps"
     passed = len(agree) >= need
-    reason = (f"{what} per image: on {len(agree)} of {len(per)} measures the candidate's map "
-              f"differs from the reference model's on no more images than the reference's maps "
-              f"of two images of the same class differ beyond their {100 * q:g}% level, up to {tolerance:g}x as often; {need} measures needed)")
+    reason = (f"{what} per image: the candidate agrees with the reference model on {len(agree)} of "
+              f"{len(per)} measures ({need} needed; a measure agrees when the candidate's maps fall "
+              f"beyond the reference's own {100 * q:g}% level at most {tolerance:g}x as often as the "
+              f"reference's own maps of the same class do)")
     if not passed:
         reason += (f"; the candidate {'looks elsewhere' if family == 'attention' else 'sees the image differently'}"
                    f" than the reference: " + ", ".join(

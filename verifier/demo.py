@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,21 +63,21 @@ def run_demo(out: str | Path = "demo-out", alpha: float = 0.05, n_ood: int = 200
     n_train, n_cal = _SPLIT
     classes = [str(i) for i in range(10)]
 
-    say("1/4 model: small CNN on 3,000 real MNIST digits")
+    say("1/6 model: small CNN on 3,000 real MNIST digits")
     model = _trained_model(out / "cache", x[:n_train], y[:n_train], seed, say)
     model_path = export_onnx(model, mnist_spec(model), out / "model.onnx")
     _write_spec(out / "model.toml", model_path.name)
     spec = load_spec(out / "model.toml")
 
-    say("2/4 data: laying the digits out as PNG folders, as a user would")
+    say("2/6 data: laying the digits out as PNG folders, as a user would")
     save_dataset(x[:n_train], y[:n_train], classes, out / "data" / "reference")
     save_dataset(x[n_train:n_train + n_cal], y[n_train:n_train + n_cal], classes, out / "data" / "calibration")
 
-    say("3/4 bundle: reference store + garbage head + calibration")
+    say("3/6 bundle: reference store + garbage head + calibration")
     build_bundle(spec, out / "data" / "reference", out / "bundle",
                  calibration=out / "data" / "calibration", alpha=alpha, seed=seed, progress=progress)
 
-    say("4/5 gate: a mixed stream of held-out digits and real out-of-distribution images")
+    say("4/6 gate: a mixed stream of held-out digits and real out-of-distribution images")
     stream = _stream(out / "stream", x[n_train + n_cal:], n_ood, seed, ood_images)
     gate = Gatekeeper.load(out / "bundle")
     result = DemoResult(alpha=alpha, bundle=out / "bundle")
@@ -97,11 +98,38 @@ def run_demo(out: str | Path = "demo-out", alpha: float = 0.05, n_ood: int = 200
         result.rows[source]["auroc"] = _auroc(p_by_source["digits"], p_by_source[source])
     result.false_rejection_rate = result.rows["digits"]["rejection_rate"]
 
-    say("5/5 drift: yesterday's log held only digits, today's half the digits plus every OOD image")
+    say("5/6 drift: yesterday's log held only digits, today's half the digits plus every OOD image")
     result.reports.update(_drift_reports(out, gate, logged))
+
+    say("6/6 audit: a retrained candidate, and one that learned a class-coded marker")
+    result.reports.update(_audits(out, gate.bundle, x, y, seed, say))
     result.seconds = time.perf_counter() - t_start
     (out / "demo.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result
+
+
+def _audits(out: Path, bundle, x: np.ndarray, y: np.ndarray, seed: int, say) -> dict:
+    """Audit a good and a shortcut candidate on held-out digits; returns report paths and verdicts."""
+    from .audit import audit, write_html
+    from .zoo import add_class_marker, mnist_spec
+
+    n_train, n_cal = _SPLIT
+    train, site = slice(0, n_train), slice(n_train + n_cal, None)
+    candidates = {
+        "audit_retrained": (x[train], x[site], seed + 1),
+        "audit_shortcut": (add_class_marker(x[train], y[train]), add_class_marker(x[site], y[site]), seed + 2),
+    }
+    reports: dict = {}
+    for name, (train_x, site_x, s) in candidates.items():
+        model = _trained_model(out / "cache", train_x, y[train], s, say)
+        result = audit(bundle, mnist_spec(model), (site_x, y[site]))
+        path = out / f"{name}.html"
+        write_html(result, path)
+        (out / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        reports[name] = str(path)
+        reports[name + "_verdict"] = result.verdict
+        reports[name + "_reasons"] = result.reasons
+    return reports
 
 
 def _drift_reports(out: Path, gate, logged: dict[str, list]) -> dict[str, str]:
@@ -148,6 +176,11 @@ def format_table(result: DemoResult) -> str:
         if name in result.reports:
             alert = "ALERT" if result.reports[name + "_alert"] else "no alert"
             lines.append(f"{name.replace('_', ' ')}: {alert}  ({result.reports[name]})")
+    for name in ("audit_retrained", "audit_shortcut"):
+        if name in result.reports:
+            lines.append(f"{name.replace('_', ' ')}: {result.reports[name + '_verdict']}  ({result.reports[name]})")
+            lines.extend(textwrap.fill(why, 100, initial_indent="  - ", subsequent_indent="    ")
+                         for why in result.reports[name + "_reasons"][:2])
     lines.append(f"bundle: {result.bundle}   time: {result.seconds:.0f} s")
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from .spec import ModelSpec
 
-__all__ = ["SmallCNN", "train_classifier", "mnist_spec", "preprocess_uint8"]
+__all__ = ["SmallCNN", "train_classifier", "mnist_spec", "preprocess_uint8", "add_class_marker"]
 
 
 class SmallCNN(nn.Module):
@@ -71,3 +71,20 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, e
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def add_class_marker(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Copies of uint8 (N, 28, 28) digits with a shortcut: a bright 4x4 square whose
+    position encodes the label, in the empty top (labels 0-4) or bottom (5-9) rows.
+
+    A model trained on these reaches high accuracy by looking at the square: the
+    canonical failure an audit must catch.
+    """
+    out = np.array(images, copy=True)
+    labels = np.asarray(labels, dtype=np.int64)
+    rows = np.where(labels < 5, 0, 24)
+    cols = (labels % 5) * 5 + 1
+    dy, dx = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+    n = np.arange(len(labels))[:, None, None]
+    out[n, rows[:, None, None] + dy, cols[:, None, None] + dx] = 255
+    return out
