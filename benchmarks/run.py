@@ -341,7 +341,9 @@ def _memory_child(kind: str, n: int) -> dict[str, Any]:
 
     from reference_maps.canonical import to_grid
     from reference_maps.store import ReferenceStore
-    from verifier.builder import _Reservoir
+    import inspect
+
+    from verifier.builder import _PIXEL_SAMPLES, _Reservoir, build_bundle as _build
 
     gc.collect()
     rss0 = _rss_mb()
@@ -354,7 +356,9 @@ def _memory_child(kind: str, n: int) -> dict[str, Any]:
         # features (b, 512), raw pixels (b, 224, 224, 3) for the garbage generator.
         rng = np.random.default_rng(0)
         store = ReferenceStore(CLASSES, grid=(16, 16))
-        feats, labels, pixels = _Reservoir(20000, rng), _Reservoir(20000, rng), _Reservoir(2000, rng)
+        head_samples = inspect.signature(_build).parameters["head_samples"].default
+        feats, labels = _Reservoir(head_samples, rng), _Reservoir(head_samples, rng)
+        pixels = _Reservoir(_PIXEL_SAMPLES, rng)
         cam = rng.gamma(2.0, 1.0, (BATCH, 7, 7)).astype(np.float32)
         early = rng.gamma(2.0, 1.0, (BATCH, 112, 112)).astype(np.float32)
         stats = rng.standard_normal((BATCH, 64)).astype(np.float32)
@@ -366,7 +370,7 @@ def _memory_child(kind: str, n: int) -> dict[str, Any]:
             store.update(lab, to_grid(cam[:b], (16, 16)), to_grid(early[:b], (16, 16)), stats[:b])
             keep = feats.offer(f[:b])
             labels.offer(lab, keep)
-            pixels.offer(px[:b])
+            pixels.offer(np.round(px[:b] * 255).astype(np.uint8))  # as build_bundle keeps them
         what = "ReferenceStore.update + build_bundle's feature/label/pixel reservoirs"
     else:
         # One real build_bundle of a SmallCNN over n MNIST-derived digits (the 5,000 real

@@ -24,7 +24,9 @@ from .garbage import GarbageHead, garbage_score, synthetic_garbage
 from .probe import Probe, ProbeResult, open_probe
 from .spec import ModelSpec
 
-__all__ = ["build_bundle", "LabelledData", "BuildReport"]
+__all__ = ["build_bundle", "LabelledData", "BuildReport", "to_raw_pixels", "from_raw_pixels"]
+
+_PIXEL_SAMPLES = 512  # reference images kept (uint8) to make synthetic garbage from
 
 
 @dataclass
@@ -74,12 +76,14 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                  calibration_fraction: float = 0.3, garbage: str | Path | None = None,
                  alpha: float = 0.05, grid: tuple[int, int] = DEFAULT_GRID, combine: str = "fusion",
                  batch_size: int = 64, seed: int = 0, progress: bool = False,
-                 probe: Probe | None = None) -> Bundle:
+                 probe: Probe | None = None, head_samples: int = 2000) -> Bundle:
     """Build and save a bundle; returns it (loaded state, `bundle.info` holds the figures).
 
     data / calibration: a folder, a CSV manifest or (images, labels) arrays. Without
     `calibration`, a stratified `calibration_fraction` of `data` is held out. A third of
     the calibration images fit the score fusion; the rest calibrate it (disjoint).
+    Memory is constant in the number of reference images: the store streams, and the
+    garbage head learns from a uniform sample of `head_samples` images' features.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -103,14 +107,16 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
         "model_fingerprint": probe.fingerprint, "target_layer": probe.target_layer,
         "early_layer": probe.early_layer, "attribution": "gradcam",
         "gradient_method": probe.gradient_method, "grid": list(grid)})
-    feats, labels, pixels = _Reservoir(20000, rng), _Reservoir(20000, rng), _Reservoir(2000, rng)
+    # Fixed-size uniform samples: memory does not grow with the number of reference images.
+    feats, labels = _Reservoir(head_samples, rng), _Reservoir(head_samples, rng)
+    pixels = _Reservoir(_PIXEL_SAMPLES, rng)  # uint8 pixels, the seed of the synthetic garbage
     correct = n_ref = unreadable = 0
     for res, lab, x in say.batches(_probe_batches(probe, spec, ref, batch_size, use_labels=True), len(ref), "reference"):
         cam, early = to_grid(res.cam, grid), to_grid(res.early_map, grid)
         store.update(lab, cam, early, res.early_stats)
         keep = feats.offer(res.features)
         labels.offer(lab, keep)
-        pixels.offer(_raw_pixels(x, spec))
+        pixels.offer(np.round(to_raw_pixels(x, spec) * 255).astype(np.uint8))
         correct += int((_predicted(res, spec) == lab).sum())
         n_ref += len(lab)
     unreadable += len(ref) - n_ref
@@ -123,12 +129,12 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     # 2. garbage head (unless the model has its own garbage output)
     head = None
     n_garbage = 0
-    user_garbage = _user_garbage(garbage, spec)
     if spec.garbage_class is None:
-        g_x = _garbage_inputs(pixels.array(), user_garbage, max(600, len(feats.array()) // 2), seed, spec)
-        g_feats = np.concatenate([probe.run(g_x[i:i + batch_size]).features
-                                  for i in range(0, len(g_x), batch_size)])
-        n_garbage = len(g_x)
+        n_head = min(max(600, len(feats.array()) // 2), head_samples // 2)
+        g_feats = [probe.run(gx).features for gx in
+                   _garbage_batches(pixels.array(), garbage, n_head, seed, spec, batch_size)]
+        g_feats = np.concatenate(g_feats)
+        n_garbage = len(g_feats)
         head = GarbageHead(spec.num_classes, seed=seed).fit(
             np.concatenate([feats.array(), g_feats]),
             np.concatenate([labels.array(), np.full(len(g_feats), spec.num_classes)]))
@@ -150,8 +156,9 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     # 4. fusion fit split (disjoint) vs garbage; conformal split
     fit_idx = _stratified(pred, 1 / 3, rng)
     conf_idx = np.setdiff1d(np.arange(len(pred)), fit_idx)
-    g_x = _garbage_inputs(pixels.array(), user_garbage, max(300, len(fit_idx)), seed + 1, spec)
-    g_scores = [scorer.scores(probe.run(g_x[i:i + batch_size])) for i in range(0, len(g_x), batch_size)]
+    n_fusion = min(max(300, len(fit_idx)), 1000)
+    g_scores = [scorer.scores(probe.run(gx)) for gx in
+                _garbage_batches(pixels.array(), garbage, n_fusion, seed + 1, spec, batch_size)]
     neg = np.column_stack([np.concatenate([s[k] for s in g_scores]) for k in names])
     matrix = np.column_stack([scores[k] for k in names])
     directions = {k: higher_is_worse(k) for k in names}
@@ -161,7 +168,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     calibrator = ConformalCalibrator(directions).fit(conf_scores, pred[conf_idx], spec.num_classes)
 
     report = BuildReport(reference_images=n_ref, calibration_images=len(conf_idx),
-                         fusion_images=len(fit_idx), garbage_images=n_garbage + len(g_x),
+                         fusion_images=len(fit_idx), garbage_images=n_garbage + len(neg),
                          unreadable=unreadable, reference_accuracy=correct / n_ref,
                          calibration_accuracy=float((pred == lab).mean()))
     bundle = Bundle(spec=spec, store=store, head=head, calibrator=calibrator, fusion=fusion,
@@ -204,7 +211,7 @@ def _predicted(res: ProbeResult, spec: ModelSpec) -> np.ndarray:
     return res.logits[:, : spec.num_classes].argmax(axis=1)
 
 
-def _raw_pixels(x: np.ndarray, spec: ModelSpec) -> np.ndarray:
+def to_raw_pixels(x: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """Undo mean/std: (n, C, H, W) model input -> (n, H, W) or (n, H, W, C) pixels in [0, 1]."""
     mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
@@ -212,36 +219,36 @@ def _raw_pixels(x: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return raw[:, 0] if raw.shape[1] == 1 else raw.transpose(0, 2, 3, 1)
 
 
-def _to_input(raw: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """Inverse of `_raw_pixels`."""
+def from_raw_pixels(raw: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Inverse of `to_raw_pixels`: pixels in [0, 1] -> (n, C, H, W) model input."""
     x = raw[:, None] if raw.ndim == 3 else raw.transpose(0, 3, 1, 2)
     mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
     return ((x - mean) / std).astype(np.float32)
 
 
-def _user_garbage(folder: str | Path | None, spec: ModelSpec) -> np.ndarray | None:
-    """Preprocessed (n, C, H, W) images of a user's garbage folder (unreadable files skipped)."""
+def _garbage_batches(pixels: np.ndarray, folder: str | Path | None, n: int, seed: int,
+                     spec: ModelSpec, batch_size: int) -> Iterator[np.ndarray]:
+    """Model inputs (b, C, H, W) of `n` synthetic garbage images made from uint8 `pixels`,
+    then of the user's garbage folder, one batch at a time (never all in memory)."""
+    raw = pixels.astype(np.float32) / 255.0
+    for i, start in enumerate(range(0, n, batch_size)):
+        synth, _ = synthetic_garbage(raw, min(batch_size, n - start), seed=seed * 100_003 + i)
+        yield from_raw_pixels(synth, spec)
     if folder is None:
-        return None
+        return
     from .io import iter_batches
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--garbage {folder} is not a folder")
-    parts = [x for _, x in iter_batches([folder], spec) if len(x)]
-    if not parts:
+    found = False
+    for _, x in iter_batches([folder], spec, batch_size=batch_size):
+        if len(x):
+            found = True
+            yield x
+    if not found:
         raise ValueError(f"--garbage {folder} holds no readable image")
-    return np.concatenate(parts)
-
-
-def _garbage_inputs(pixels: np.ndarray, user: np.ndarray | None, n: int, seed: int,
-                    spec: ModelSpec) -> np.ndarray:
-    synth, _ = synthetic_garbage(pixels, n, seed=seed)
-    x = _to_input(synth, spec)
-    if user is not None:
-        x = np.concatenate([x, user])
-    return x
 
 
 def _stratified(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:

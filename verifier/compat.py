@@ -318,11 +318,11 @@ def _inputs(images: Any, spec: ModelSpec, batch_size: int) -> tuple[np.ndarray, 
 def _garbage(x: np.ndarray, spec: ModelSpec, n: int, seed: int) -> np.ndarray:
     if n <= 0:
         return np.empty((0, *x.shape[1:]), dtype=np.float32)
-    from .builder import _raw_pixels, _to_input
+    from .builder import from_raw_pixels, to_raw_pixels
     from .garbage import synthetic_garbage
 
-    synth, _ = synthetic_garbage(_raw_pixels(x, spec), n, seed=seed)
-    return _to_input(synth, spec)
+    synth, _ = synthetic_garbage(to_raw_pixels(x, spec), n, seed=seed)
+    return from_raw_pixels(synth, spec)
 
 
 def _maxabs(a: np.ndarray, b: np.ndarray, what: str) -> float:

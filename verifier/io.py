@@ -213,6 +213,9 @@ def iter_batches(inputs: Sequence[str | Path | np.ndarray] | np.ndarray, spec: M
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(inputs, np.ndarray):
+        yield from _array_batches(inputs, spec, batch_size, labels, max_pixels)
+        return
     items = _expand(inputs, labels)
     c, (h, w) = spec.channels, spec.size
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -239,6 +242,30 @@ def iter_batches(inputs: Sequence[str | Path | np.ndarray] | np.ndarray, spec: M
             # a consumer that stops early should not wait for a chunk it will never see
             for f in pending + following:
                 f.cancel()
+
+
+def _array_batches(inputs: np.ndarray, spec: ModelSpec, batch_size: int,
+                   labels: Sequence[int | None] | None, max_pixels: int,
+                   ) -> Iterator[tuple[list[LoadedImage], np.ndarray]]:
+    """`iter_batches` for one in-memory array: pixels are already decoded, so each chunk
+    is checked per image and preprocessed in one vectorised call, with no thread pool."""
+    c, (h, w) = spec.channels, spec.size
+    items = list(_expand(inputs, labels))  # validates the shape and the labels
+    for start in range(0, len(items), batch_size):
+        records: list[LoadedImage] = []
+        ok: list[np.ndarray] = []
+        for source, obj, label, _ in items[start:start + batch_size]:
+            digest = "sha256:" + hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()
+            try:
+                ok.append(pixels_from_array(obj, max_pixels=max_pixels, name=source))
+                records.append(LoadedImage(source, None, digest, None, label))
+            except InputError as e:
+                records.append(LoadedImage(source, None, digest, str(e), label))
+        batch = preprocess(ok, spec) if ok else np.empty((0, c, h, w), dtype=np.float32)
+        good = (r for r in records if r.error is None)
+        for r, px in zip(good, batch):
+            r.pixels = px
+        yield records, batch
 
 
 def labelled_dataset(source: str | Path, classes: Sequence[str]) -> list[tuple[Path, int]]:

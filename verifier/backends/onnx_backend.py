@@ -132,14 +132,18 @@ class OnnxProbe:
         else:
             alpha = self._fd_alpha(act, cls, side)
         cam = np.maximum(np.einsum("nk,nkhw->nhw", alpha, act.astype(np.float64)), 0.0)
+        early_stats = early.mean(axis=(2, 3)).astype(np.float32)
+        # |A| in place: a fresh copy of a large early activation costs more than the mean
+        # (the array is onnxruntime's own output, unless it is the target activation too)
+        early_abs = np.abs(early, out=early if early is not act else None)
         return ProbeResult(
             logits=logits,
             features=(feats.reshape(n, -1) if self.features_name
                       else act.mean(axis=(2, 3), dtype=np.float64).astype(np.float32)),
             cam=cam.astype(np.float32),
             cam_class=cls,
-            early_map=np.abs(early).mean(axis=1).astype(np.float32),
-            early_stats=early.mean(axis=(2, 3)).astype(np.float32),
+            early_stats=early_stats,
+            early_map=early_abs.mean(axis=1).astype(np.float32),
         )
 
     def _check_batch(self, x: Any) -> np.ndarray:
