@@ -4,9 +4,11 @@ Reject iff p <= alpha; with valid p-values the in-distribution rejection rate is
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-__all__ = ["decide"]
+__all__ = ["decide", "false_rejection_sd"]
 
 
 def decide(p_value: np.ndarray, alpha: float) -> np.ndarray:
@@ -22,3 +24,21 @@ def decide(p_value: np.ndarray, alpha: float) -> np.ndarray:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     p = np.asarray(p_value, dtype=np.float64)
     return p > alpha  # NaN > alpha is False: rejected
+
+
+def false_rejection_sd(alpha: float, n_test: int, calibration_sizes: Sequence[int]) -> float:
+    """Standard deviation of the false-rejection rate seen on `n_test` in-distribution
+    inputs with ONE calibration draw, around its expectation (<= alpha).
+
+    Two sources add up: the test sample (binomial, alpha (1 - alpha) / n_test) and the
+    calibration draw itself: a conformal threshold set on n points leaves a conditional
+    rejection rate of variance about alpha (1 - alpha) / (n + 2) (a Beta law). With
+    per-class calibration (`calibration_sizes` = points per class, test inputs spread
+    evenly over the classes) the class terms average: mean_k(1 / (n_k + 2)) / K.
+    Pass `[n]` for pooled calibration.
+    """
+    sizes = np.asarray(calibration_sizes, dtype=np.float64)
+    if sizes.size == 0 or n_test < 1:
+        raise ValueError("need at least one calibration size and one test input")
+    var = alpha * (1 - alpha) * (1.0 / n_test + np.mean(1.0 / (sizes + 2)) / sizes.size)
+    return float(np.sqrt(var))

@@ -213,3 +213,24 @@ def test_refusals(mnist):
     cal.fit({"ink": scores["ink"][:100]}, y[:100], 10)
     with pytest.raises(ValueError, match=r"classes must lie in \[0, 10\)"):
         cal.p_values({"ink": np.ones(1)}, np.array([10]))
+
+
+def test_false_rejection_sd_matches_simulated_calibration_draws():
+    """One calibration draw + one test sample: the formula's SD against 2,000 simulated
+    draws of per-class conformal calibration (continuous scores, K=10 classes x 67 points)."""
+    from calibration.conformal import ConformalCalibrator
+    from calibration.decide import false_rejection_sd
+
+    rng = np.random.default_rng(5)
+    k, n_k, n_test, alpha = 10, 67, 1000, 0.05
+    rates = []
+    for _ in range(2000):
+        cal_cls = np.repeat(np.arange(k), n_k)
+        test_cls = rng.integers(0, k, n_test)
+        cal = ConformalCalibrator({"s": True}, min_class_size=50).fit(
+            {"s": rng.random(k * n_k)}, cal_cls, k)
+        p = cal.p_values({"s": rng.random(n_test)}, test_cls)["s"]
+        rates.append(np.mean(p <= alpha))
+    predicted = false_rejection_sd(alpha, n_test, [n_k] * k)
+    assert abs(np.std(rates) / predicted - 1) < 0.15, (np.std(rates), predicted)
+    assert np.mean(rates) <= alpha

@@ -31,12 +31,14 @@ class DemoResult:
     alpha: float
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
     false_rejection_rate: float = 0.0
+    calibration_per_class: list[int] = field(default_factory=list)  # [n] when pooled
     bundle: Path | None = None
     seconds: float = 0.0
     reports: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "false_rejection_rate": self.false_rejection_rate,
+                "calibration_per_class": self.calibration_per_class,
                 "sources": self.rows, "bundle": str(self.bundle), "seconds": self.seconds,
                 "reports": self.reports}
 
@@ -97,6 +99,9 @@ def run_demo(out: str | Path = "demo-out", alpha: float = 0.05, n_ood: int = 200
     for source in SOURCES[1:]:
         result.rows[source]["auroc"] = _auroc(p_by_source["digits"], p_by_source[source])
     result.false_rejection_rate = result.rows["digits"]["rejection_rate"]
+    counts = np.bincount(gate.bundle.calibration_classes, minlength=len(classes))
+    pooled = bool(np.any(counts < gate.bundle.fusion.min_class_size))
+    result.calibration_per_class = [int(counts.sum())] if pooled else counts.tolist()
 
     say("5/6 drift: yesterday's log held only digits, today's half the digits plus every OOD image")
     result.reports.update(_drift_reports(out, gate, logged))
@@ -168,10 +173,14 @@ def format_table(result: DemoResult) -> str:
     for source, row in result.rows.items():
         auroc = f"{row['auroc']:.3f}" if "auroc" in row else "-"
         lines.append(f"{source:<10} {row['n']:>5} {row['rejected']:>9} {row['rejection_rate']:>7.3f} {auroc:>9}")
+    from calibration.decide import false_rejection_sd
+
     frr = result.false_rejection_rate
-    verdict = "within" if frr <= result.alpha + 2 * np.sqrt(result.alpha * (1 - result.alpha) / result.rows["digits"]["n"]) else "ABOVE"
+    sd = false_rejection_sd(result.alpha, result.rows["digits"]["n"], result.calibration_per_class)
+    verdict = "within" if frr <= result.alpha + 2 * sd else "ABOVE"
     lines.append(f"false-rejection rate on held-out digits: {frr:.3f} (alpha {result.alpha}; {verdict} "
-                 f"alpha + 2 binomial standard errors)")
+                 f"alpha + 2 sd = {result.alpha + 2 * sd:.3f}, sd {sd:.4f} from the test sample and "
+                 f"the one calibration draw)")
     for name in ("drift_clean_day", "drift_mixed_day"):
         if name in result.reports:
             alert = "ALERT" if result.reports[name + "_alert"] else "no alert"
