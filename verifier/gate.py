@@ -135,22 +135,27 @@ class Gatekeeper:
         out: list[Decision] = []
         batch = self.score_batch(x) if len(x) else None
         names = self.bundle.classes
+        if batch is not None:  # Python lists once per batch, not numpy scalars per record
+            scores = {k: v.tolist() for k, v in batch.scores.items()}
+            p_values = {k: v.tolist() for k, v in batch.p_values.items()}
+            p_value, accepted = batch.p_value.tolist(), batch.accept.tolist()
+            predicted, confidence = batch.predicted.tolist(), batch.confidence.tolist()
         j = 0
         for rec in records:
             if rec.error is not None:
                 out.append(Decision.from_error(rec.source, rec.error, rec.digest))
                 continue
             assert batch is not None
-            accept = bool(batch.accept[j])
+            accept = accepted[j]
             out.append(Decision(
                 input=rec.source,
                 decision="accept" if accept else "reject",
-                p_value=float(batch.p_value[j]),
-                predicted_class=names[int(batch.predicted[j])],
-                confidence=float(batch.confidence[j]),
+                p_value=p_value[j],
+                predicted_class=names[predicted[j]],
+                confidence=confidence[j],
                 reasons=[] if accept else _reasons(batch.family_p, j, self.alpha),
-                scores={k: float(v[j]) for k, v in batch.scores.items()},
-                p_values={k: float(v[j]) for k, v in batch.p_values.items()},
+                scores={k: v[j] for k, v in scores.items()},
+                p_values={k: v[j] for k, v in p_values.items()},
                 digest=rec.digest,
             ))
             j += 1
