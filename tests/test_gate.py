@@ -151,3 +151,29 @@ def test_bundle_without_model_check_reads_calibration_only(gap_bundle):
     from verifier.gate import Gatekeeper as G
     with pytest.raises(Exception, match="nn.Module"):
         G(b)  # but it cannot open a probe
+
+
+def test_build_with_a_user_garbage_folder(mnist, gap_model, tmp_path):
+    """--garbage DIR: the user's images join the synthetic garbage; an empty folder is an error."""
+    from verifier.builder import build_bundle
+    from verifier.zoo import mnist_spec
+
+    from conftest import CAL, TRAIN
+
+    folder = tmp_path / "garbage"
+    folder.mkdir()
+    for i, img in enumerate(ood_images("photos", 40, seed=3)):
+        Image.fromarray(img).save(folder / f"photo{i}.png")
+    x, y = mnist
+    spec = mnist_spec(gap_model)
+    data, cal = (x[TRAIN][:1000], y[TRAIN][:1000]), (x[CAL][:300], y[CAL][:300])
+    plain = build_bundle(spec, data, tmp_path / "plain", calibration=cal)
+    with_user = build_bundle(spec, data, tmp_path / "user", calibration=cal, garbage=folder)
+    # the user's 40 photos are used twice: for the garbage head and for the fusion fit
+    assert with_user.info["build"]["garbage_images"] == plain.info["build"]["garbage_images"] + 80
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no readable image"):
+        build_bundle(spec, data, tmp_path / "bad", calibration=cal, garbage=empty)
+    with pytest.raises(ValueError, match="is not a folder"):
+        build_bundle(spec, data, tmp_path / "bad", calibration=cal, garbage=tmp_path / "missing")

@@ -87,6 +87,8 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if garbage is not None and not Path(garbage).is_dir():
+        raise ValueError(f"--garbage {garbage} is not a folder")
     rng = np.random.default_rng(seed)
     probe = probe if probe is not None else open_probe(spec)
     ref = LabelledData.from_source(data, spec.classes)
@@ -240,8 +242,6 @@ def _garbage_batches(pixels: np.ndarray, folder: str | Path | None, n: int, seed
     from .io import iter_batches
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"--garbage {folder} is not a folder")
     found = False
     for _, x in iter_batches([folder], spec, batch_size=batch_size):
         if len(x):
