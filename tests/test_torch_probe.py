@@ -75,6 +75,13 @@ def test_explicit_layer_names_and_errors(gap_model):
 
     probe = TorchProbe(replace(spec, target_layer="features.6", early_layer="features.0"))
     assert (probe.target_layer, probe.early_layer) == ("features.6", "features.0")
+    # a conv output goes negative: the early map must be the channel mean of |A|
+    x = torch.randn(40, 1, 28, 28)
+    with torch.no_grad():
+        conv = gap_model.features[0](x)
+    res = probe.run(x.numpy())
+    assert (conv < 0).any()
+    np.testing.assert_allclose(res.early_map, conv.abs().mean(1).numpy(), rtol=1e-6, atol=1e-6)
     with pytest.raises(ProbeError, match="Candidates: .*features.8"):
         TorchProbe(replace(spec, target_layer="features.99"))
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))

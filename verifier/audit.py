@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import softmax
 
 from reference_maps.canonical import normalise_max, resize_maps, to_grid
 
@@ -229,7 +230,7 @@ class _Run:
     stats: np.ndarray
 
     def probs(self, k: int) -> np.ndarray:
-        return _softmax(self.logits[:, :k])
+        return softmax(self.logits[:, :k], axis=1)
 
 
 @dataclass
@@ -451,7 +452,7 @@ def _ood_confidence(ood: Any, spec: ModelSpec, probe: Probe, k: int, batch_size:
     inputs = ood if isinstance(ood, np.ndarray) else [Path(ood)]
     if not isinstance(ood, np.ndarray) and not Path(ood).is_dir():
         raise AuditError(f"--ood {ood} is not a folder")
-    conf = [_softmax(probe.run(x).logits[:, :k]).max(1)
+    conf = [softmax(probe.run(x).logits[:, :k], axis=1).max(1)
             for _, x in iter_batches(inputs, spec, batch_size=batch_size) if len(x)]
     if not conf:
         raise AuditError(f"no readable out-of-distribution image in {ood}")
@@ -621,12 +622,6 @@ def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _num(v: float) -> float | None:

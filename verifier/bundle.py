@@ -64,6 +64,15 @@ class Bundle:
     def score_names(self) -> tuple[str, ...]:
         return tuple(self.calibration_scores)
 
+    @property
+    def calibration_sizes(self) -> list[int]:
+        """Calibration points behind each class's `p_value` threshold: the class's own count,
+        or the pooled count for a class below the fusion's `min_class_size` (the input of
+        `calibration.decide.false_rejection_sd`)."""
+        counts = np.bincount(self.calibration_classes, minlength=len(self.classes))
+        pooled = int(counts.sum())
+        return [int(c) if c >= self.fusion.min_class_size else pooled for c in counts]
+
     def save(self, path: str | Path) -> Path:
         """Write the bundle directory (atomically); returns its path."""
         path = Path(path)

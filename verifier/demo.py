@@ -31,7 +31,7 @@ class DemoResult:
     alpha: float
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
     false_rejection_rate: float = 0.0
-    calibration_per_class: list[int] = field(default_factory=list)  # [n] when pooled
+    calibration_per_class: list[int] = field(default_factory=list)  # Bundle.calibration_sizes
     bundle: Path | None = None
     seconds: float = 0.0
     reports: dict[str, str] = field(default_factory=dict)
@@ -99,9 +99,7 @@ def run_demo(out: str | Path = "demo-out", alpha: float = 0.05, n_ood: int = 200
     for source in SOURCES[1:]:
         result.rows[source]["auroc"] = _auroc(p_by_source["digits"], p_by_source[source])
     result.false_rejection_rate = result.rows["digits"]["rejection_rate"]
-    counts = np.bincount(gate.bundle.calibration_classes, minlength=len(classes))
-    pooled = bool(np.any(counts < gate.bundle.fusion.min_class_size))
-    result.calibration_per_class = [int(counts.sum())] if pooled else counts.tolist()
+    result.calibration_per_class = gate.bundle.calibration_sizes
 
     say("5/6 drift: yesterday's log held only digits, today's half the digits plus every OOD image")
     result.reports.update(_drift_reports(out, gate, logged))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from scipy.special import softmax
 
 __all__ = ["GarbageHead", "garbage_score", "synthetic_garbage", "GARBAGE_KINDS"]
 
@@ -50,9 +51,7 @@ class GarbageHead:
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """(n, D) -> (n, K+1) softmax probabilities; the last column is garbage."""
         z = ((np.asarray(features, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax(z, axis=1)
 
     def garbage_probability(self, features: np.ndarray) -> np.ndarray:
         """(n, D) -> (n,) P(garbage)."""
@@ -74,9 +73,7 @@ def garbage_score(logits: np.ndarray, features: np.ndarray, head: GarbageHead | 
                   garbage_class: int | None) -> np.ndarray:
     """(n,) P(garbage): the model's own garbage output when the spec names one, else the head's."""
     if garbage_class is not None:
-        z = logits - logits.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return (e[:, garbage_class] / e.sum(axis=1)).astype(np.float64)
+        return softmax(np.asarray(logits, dtype=np.float64), axis=1)[:, garbage_class]
     if head is None:
         raise ValueError("no garbage head and no model garbage output")
     return head.garbage_probability(features)

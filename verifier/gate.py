@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import softmax
 
 from calibration.combine import merge_bonferroni
 
@@ -185,9 +186,8 @@ def _reasons(family_p: dict[str, np.ndarray], j: int, alpha: float) -> list[str]
 
 
 def _softmax_at(logits: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e[np.arange(len(idx)), idx] / e.sum(axis=1)).astype(np.float64)
+    """(n, K) logits -> (n,) softmax probability of class idx[i] (float64)."""
+    return softmax(np.asarray(logits, dtype=np.float64), axis=1)[np.arange(len(idx)), idx]
 
 
 def _progress(enabled: bool, inputs: Iterable) -> Any:

@@ -136,19 +136,26 @@ def _channel_mean_abs(a: torch.Tensor, nonnegative: bool) -> torch.Tensor:
 
     Early activations are large (ResNet-18 stem: 32 x 64 x 112 x 112 floats): a whole-batch
     `abs()` temporary costs a fresh 100 MB allocation, whose page faults take several times
-    longer than the arithmetic. One image at a time through a reused scratch buffer does the
-    same operations (so the same values) in cache-sized pieces; a ReLU-family output is
-    already non-negative and needs no abs at all."""
+    longer than the arithmetic. Chunks of images through one reused scratch buffer (at most
+    `_SCRATCH_ELEMENTS`) do the same operations (so the same values) in bounded memory, with
+    a few kernel calls per batch rather than one per image; a ReLU-family output is already
+    non-negative and needs no abs at all."""
     if a.ndim != 4 or a.shape[0] <= 1:
         return (a if nonnegative else a.abs()).mean(dim=1)
     out = torch.empty((a.shape[0], *a.shape[2:]), dtype=a.dtype, device=a.device)
     if nonnegative:
         return torch.mean(a, dim=1, out=out)
-    scratch = torch.empty_like(a[0])
-    for i in range(a.shape[0]):
-        torch.abs(a[i], out=scratch)
-        torch.mean(scratch, dim=0, out=out[i])
+    step = max(1, _SCRATCH_ELEMENTS // a[0].numel())
+    scratch = torch.empty((min(step, a.shape[0]), *a.shape[1:]), dtype=a.dtype, device=a.device)
+    for i in range(0, a.shape[0], step):
+        chunk = a[i:i + step]
+        buf = scratch[: chunk.shape[0]]
+        torch.abs(chunk, out=buf)
+        torch.mean(buf, dim=1, out=out[i:i + step])
     return out
+
+
+_SCRATCH_ELEMENTS = 4 * 1024 * 1024  # 16 MB of float32: a few ResNet stem images per chunk
 
 
 @contextlib.contextmanager
