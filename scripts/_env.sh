@@ -8,10 +8,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY=.venv/bin/python
 stamp=.venv/.verifier-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q "torch==2.13.0"
-  "$PY" -m pip install -q -e ".[dev,demo]"
+  "$PY" -m pip install -q -c constraints.txt "torch==2.13.0"
+  "$PY" -m pip install -q -c constraints.txt -e ".[dev,demo]"
   touch "$stamp"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
