@@ -19,10 +19,13 @@ def render_html(result: AuditResult) -> str:
     """The complete HTML document for an audit result."""
     level = "ok" if result.passed else "alert"
     headline = f"Audit verdict: {result.verdict}"
-    details = result.reasons or [f"every check passed on {result.n_images} labelled images"]
+    details = result.reasons or [f"every deciding check passed on {result.n_images} labelled images"]
+    details = list(details) + [f"reported, not deciding: {w}" for w in result.warnings]
     parts = [h.banner(level, headline, details), _checks_table(result.checks)]
     ev = result.evidence
     if ev is not None:
+        if ev.swaps is not None:
+            parts.append(_swaps(result))
         parts += [_class_maps(result), _histograms(result), _worst(result)]
     parts.append(_models(result))
     return h.page("Model audit", *parts,
@@ -49,13 +52,15 @@ def _checks_table(checks: list[Check]) -> h.Markup:
     for c in checks:
         op = ">=" if c.higher_is_better else "<="
         result = {True: "pass", False: "FAIL", None: "skipped"}[c.passed]
-        rows.append([c.name, result, c.figure, f"{op} {h.fmt(c.threshold)}", c.reason])
-        hits.append(c.passed is False)
-    table = h.table(["check", "result", "figure", "threshold", "reason"], rows, highlight=hits)
+        rows.append([c.name, result, "yes" if c.decisive else "reported", c.figure,
+                     f"{op} {h.fmt(c.threshold)}", c.reason])
+        hits.append(c.passed is False and c.decisive)
+    table = h.table(["check", "result", "decides", "figure", "threshold", "reason"], rows,
+                    highlight=hits)
     sub = [_measure_table(c) for c in checks if "measures" in c.details]
     return h.section("Checks", table, *sub,
-                     note="Each figure is compared with a threshold taken from the reference "
-                          "model's own variability on the same images (see docs/audit.md).")
+                     note="The verdict rests on the checks marked 'yes'; the others are "
+                          "reported for a person to weigh (see docs/audit.md for every threshold).")
 
 
 def _measure_table(c: Check) -> h.Markup:
@@ -64,6 +69,41 @@ def _measure_table(c: Check) -> h.Markup:
     return h.table(["measure", "share of images beyond the reference's own level",
                     "allowed share", "median value", "passed"], rows, caption=c.name,
                    highlight=[not r[-1] for r in rows])
+
+
+def _swaps(result: AuditResult) -> h.Markup:
+    sw = result.evidence.swaps if result.evidence is not None else None
+    assert sw is not None
+    cards = []
+    for j in range(len(sw.labels)):
+        px, swapped = sw.pixels[j], sw.swapped[j]
+        up = max(1, 112 // max(px.shape))
+        cells = sw.cells[j].astype(np.float32)
+        cand = np.maximum(sw.cand_reliance[j], 0)
+        ref = np.maximum(sw.ref_reliance[j], 0)
+        scale = max(float(cand.max()), float(ref.max()), 1e-9)
+        pics = [h.img(h.png_data_uri(overlay_rgb(px, np.zeros_like(cells), (0, 0, 0)), upscale=up),
+                      "image"),
+                h.img(h.png_data_uri(overlay_rgb(swapped, 0.5 * cells, (213, 94, 0)), upscale=up),
+                      "regions swapped in from another class (orange)"),
+                h.img(h.png_data_uri(overlay_rgb(px, cand / scale, (213, 94, 0)), upscale=up),
+                      "where the candidate relies"),
+                h.img(h.png_data_uri(overlay_rgb(px, ref / scale, (0, 114, 178)), upscale=up),
+                      "where the reference relies")]
+        label, toward = result.classes[int(sw.labels[j])], result.classes[int(sw.toward[j])]
+        cards.append(h.Markup('<div class="card">{}<br>{}<div class="note">{}</div></div>').format(
+            sw.sources[j], h.Markup(" ").join(pics),
+            f"class {label}; with regions of a class-{toward} image swapped in, the candidate's "
+            f"P({toward}) rises by {100 * sw.shift_cand[j]:.0f} points, the reference's by "
+            f"{100 * sw.shift_ref[j]:.0f}"))
+    return h.section("Where the candidate's decisions come from",
+                     h.Markup('<div class="grid">{}</div>').format(h.Markup("").join(cards)),
+                     note="The images where the candidate moved most toward another class when "
+                          "the regions the reference model does not use were taken from an image "
+                          "of that class. Left to right: the image; the swapped regions (orange); "
+                          "where the candidate relies (orange: drop of its probability of the "
+                          "true class when that region is swapped); where the reference relies "
+                          "(blue), on the same scale.")
 
 
 def _class_maps(result: AuditResult) -> h.Markup:

@@ -200,6 +200,7 @@ def _trained_model(cache: Path, x: np.ndarray, y: np.ndarray, seed: int, say) ->
 
     key = hashlib.sha256(x.tobytes() + y.tobytes() + f"{seed}-{_EPOCHS}-gap".encode()).hexdigest()[:16]
     path = cache / f"smallcnn-{key}.npz"
+    torch.manual_seed(seed)  # the initial weights too: not whatever the global RNG holds by now
     model = SmallCNN(head="gap")
     if path.exists():
         with np.load(path, allow_pickle=False) as z:

@@ -61,6 +61,10 @@ class Probe(Protocol):
         """One batched pass; `classes` (N,) picks the class each Grad-CAM explains."""
         ...
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Forward pass only: (N, K_out) logits, no attribution (for counterfactual tests)."""
+        ...
+
 
 def open_probe(spec: ModelSpec, device: str | None = None) -> Probe:
     """The backend probe for a spec: torch for nn.Modules, onnxruntime for .onnx

@@ -146,6 +146,12 @@ class OnnxProbe:
             early_map=early_abs.mean(axis=1).astype(np.float32),
         )
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Forward pass only: (N, K_out) float32 logits of preprocessed (N, C, H, W) images."""
+        x = self._check_batch(x)
+        (out,) = self._session.run([self.logits_name], {self.input_name: x})
+        return np.asarray(out, dtype=np.float32)
+
     def _check_batch(self, x: Any) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         want = (self.spec.channels, *self.spec.size)

@@ -93,6 +93,15 @@ class TorchProbe:
                 early_stats=cap.early_stats.float().cpu().numpy(),
             )
 
+    def logits(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Forward pass only: (N, K_out) float32 logits of preprocessed (N, C, H, W) images."""
+        xt = torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True)
+        with probe_state_restored(self.model), torch.no_grad():
+            out = self.model(xt)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            raise ProbeError("the model must return a (N, K) logits tensor")
+        return out.float().cpu().numpy()
+
     def _classes(self, logits: torch.Tensor, classes: np.ndarray | None) -> torch.Tensor:
         if classes is not None:
             cls = torch.as_tensor(np.asarray(classes), dtype=torch.long, device=logits.device)

@@ -24,6 +24,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                  "per image at the image's path relative to --data")
     p.add_argument("--report", type=Path, help="write the HTML report here")
     p.add_argument("--json", type=Path, help="write the JSON result here")
+    p.add_argument("--accuracy-margin", type=float, default=0.02,
+                   help="FAIL on accuracy only when the candidate is significantly worse (exact "
+                        "McNemar, p < 0.05) by more than this (default 0.02 = 2 points)")
+    p.add_argument("--evidence-images", type=int, default=400,
+                   help="images of the region-swap test of where decisions come from (default 400)")
+    p.add_argument("--grid", type=int, default=7,
+                   help="the region-swap test splits each image into GRID x GRID cells (default 7)")
+    p.add_argument("--swap-floor", type=float, default=None,
+                   help="largest mean excess rise of the swapped-in class's probability over the "
+                        "reference's that still passes (default 0.05; docs/audit.md)")
+    p.add_argument("--attention-decides", action="store_true",
+                   help="let the seven-measure Grad-CAM checks decide the verdict (only for "
+                        "candidates of the reference's architecture; reported either way)")
+    p.add_argument("--no-sanity", action="store_true",
+                   help="skip the attribution sanity checks (model randomisation, deletion)")
     p.add_argument("--quantile", type=float, default=None,
                    help="reference's own tail level behind the map thresholds (default: bundle alpha)")
     p.add_argument("--min-measures", type=int, default=4,
@@ -44,9 +59,17 @@ def run(args: argparse.Namespace) -> int:
         candidate = load_spec(args.spec)
     except (ValueError, OSError) as e:
         return _error(str(e))
-    result = audit(bundle, candidate, args.data, ood=args.ood, roi=args.roi,
-                   quantile=args.quantile, min_measures=args.min_measures,
-                   batch_size=args.batch_size)
+    from ..audit import SHIFT_FLOOR, AuditError
+
+    try:
+        result = audit(bundle, candidate, args.data, ood=args.ood, roi=args.roi,
+                       quantile=args.quantile, min_measures=args.min_measures,
+                       accuracy_margin=args.accuracy_margin, evidence_images=args.evidence_images,
+                       grid=args.grid, shift_floor=SHIFT_FLOOR if args.swap_floor is None
+                       else args.swap_floor, attention_decides=args.attention_decides,
+                       sanity=not args.no_sanity, batch_size=args.batch_size)
+    except (AuditError, ValueError) as e:
+        return _error(str(e))
     if args.json:
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     if args.report:
@@ -54,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"audit: {result.verdict} ({result.n_images} images, {len(result.checks)} checks)")
     for reason in result.reasons:
         print(f"  - {reason}")
+    for warning in result.warnings:
+        print(f"  (reported, not deciding) {warning}")
     return EXIT_PASS if result.passed else EXIT_FAIL
 
 
