@@ -13,7 +13,7 @@ import torch
 
 from verifier.audit import AuditError, audit, write_html
 from verifier.bundle import Bundle
-from verifier.zoo import SmallCNN, add_class_marker, mnist_spec, train_classifier
+from verifier.zoo import SmallCNN, add_class_marker, add_cue, mnist_spec, train_classifier
 
 TRAIN, CAL = slice(0, 3000), slice(3000, 3600)  # as in conftest.py
 
@@ -58,26 +58,80 @@ def shortcut_result(mnist, reference):
     return audit(reference, mnist_spec(model), (add_class_marker(x[AUDIT], y[AUDIT]), y[AUDIT]))
 
 
+@pytest.fixture(scope="module")
+def partial_shortcut(mnist):
+    """Trained with the class-coded marker on half of its images: it reads the digit too."""
+    x, y = mnist
+    torch.manual_seed(4)
+    return train_classifier(SmallCNN(head="gap"), add_cue(x[TRAIN], y[TRAIN], "marker", 0.5, seed=4),
+                            y[TRAIN], epochs=4, seed=4)
+
+
 def test_retrained_candidate_passes(seed_result):
     r = seed_result
     assert r.verdict == "PASS", r.reasons
     assert r.reasons == []
-    for name in ("attention_per_image", "attention_per_class", "early_per_image",
-                 "early_per_class", "accuracy", "garbage_rejection"):
+    for name in ("evidence_region_swap", "early_per_image", "early_per_class", "accuracy",
+                 "garbage_rejection", "attribution_randomisation", "attribution_faithfulness"):
         assert r.check(name).passed is True, r.check(name).reason
+    assert all(c.decisive for c in r.checks if c.family in ("evidence", "accuracy", "early_features"))
+    assert not r.check("attention_per_image").decisive  # reported, see docs/audit.md
     # independently trained: its early channels are a permutation, so no channel statistics
     stats = r.check("early_channel_statistics")
     assert stats.passed is None and "do not correspond" in stats.reason
 
 
-def test_shortcut_candidate_fails_on_attention(shortcut_result, reference):
+def test_shortcut_candidate_fails_on_where_its_decisions_come_from(shortcut_result, reference):
     r = shortcut_result
     assert r.verdict == "FAIL"
     acc = r.check("accuracy")
     assert acc.passed and acc.figure > 0.9  # the marker makes it accurate ...
-    att = r.check("attention_per_image")
-    assert att.passed is False  # ... but it looks at something else
-    assert any("attention" in reason and "looks elsewhere" in reason for reason in r.reasons)
+    ev = r.check("evidence_region_swap")
+    assert ev.passed is False  # ... but its answers follow regions the reference does not read
+    assert ev.details["follow_candidate"] > 5 * ev.details["follow_reference"]
+    assert any("relies on something outside the object" in reason for reason in r.reasons)
+    sw = r.evidence.swaps
+    assert sw is not None and len(sw.labels) == 8 and np.all(sw.shift_cand >= sw.shift_ref)
+    assert r.check("attention_per_image").passed is False  # Grad-CAM agrees, as evidence
+
+
+def test_other_head_candidate_passes(mnist, reference, fc_model):
+    """The issue's false FAIL: a suitable flatten + FC head model, as accurate as the reference.
+    Its Grad-CAM differs from a GAP model's (reported), where its decisions come from does not."""
+    x, y = mnist
+    r = audit(reference, mnist_spec(fc_model), (x[AUDIT], y[AUDIT]), worst=0)
+    assert r.verdict == "PASS", r.reasons
+    assert r.check("evidence_region_swap").figure < 0.5 * r.check("evidence_region_swap").threshold
+
+
+def test_partial_shortcut_fails(mnist, reference, partial_shortcut):
+    x, y = mnist
+    site = add_class_marker(x[AUDIT], y[AUDIT])
+    r = audit(reference, mnist_spec(partial_shortcut), (site, y[AUDIT]), worst=0, sanity=False)
+    assert r.verdict == "FAIL"
+    ev = r.check("evidence_region_swap")
+    assert ev.passed is False and ev.figure > 1.5 * ev.threshold, ev.reason
+
+
+def test_same_inputs_same_verdict_and_figures(mnist, reference, seed_model):
+    x, y = mnist
+    data = (x[AUDIT][:300], y[AUDIT][:300])
+    a, b = (audit(reference, mnist_spec(seed_model), data, worst=0).to_dict() for _ in range(2))
+    assert a == b
+
+
+def test_accuracy_is_compared_as_paired_data(mnist, reference, seed_model):
+    """Exact McNemar on the discordant pairs, checked against the binomial sum by hand."""
+    from math import comb
+
+    x, y = mnist
+    r = audit(reference, mnist_spec(seed_model), (x[AUDIT][:300], y[AUDIT][:300]), worst=0,
+              sanity=False)
+    d = r.check("accuracy").details
+    b, c = d["candidate_only_wrong"], d["reference_only_wrong"]
+    want = sum(comb(b + c, i) for i in range(b, b + c + 1)) / 2 ** (b + c)
+    assert d["mcnemar_p"] == pytest.approx(want, rel=1e-9)
+    assert r.check("accuracy").figure - d["reference_accuracy"] == pytest.approx((c - b) / 300)
 
 
 def test_untrained_candidate_fails(mnist, reference, untrained):
@@ -85,6 +139,7 @@ def test_untrained_candidate_fails(mnist, reference, untrained):
     r = audit(reference, mnist_spec(untrained), (x[AUDIT][:300], y[AUDIT][:300]))
     assert r.verdict == "FAIL"
     assert r.check("accuracy").passed is False
+    assert r.check("accuracy").details["mcnemar_p"] < 1e-6
     assert r.check("attention_per_image").passed is False
 
 
@@ -152,7 +207,8 @@ def test_report_is_valid_html_with_the_verdict_first(shortcut_result, tmp_path):
     assert doc.errors == [] and doc.stack == []
     text = " ".join(doc.text)
     assert "Audit verdict: FAIL" in text
-    assert text.index("Audit verdict: FAIL") < text.index("Checks") < text.index("attention_per_image")
+    assert text.index("Audit verdict: FAIL") < text.index("Checks") < text.index("evidence_region_swap")
+    assert text.index("Checks") < text.index("Where the candidate's decisions come from")
     assert html.count("data:image/png;base64,") >= 30  # class maps and overlays are inline
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")
 
@@ -160,8 +216,10 @@ def test_report_is_valid_html_with_the_verdict_first(shortcut_result, tmp_path):
 def test_json_carries_verdict_figures_and_reasons(shortcut_result):
     d = json.loads(json.dumps(shortcut_result.to_dict()))
     assert d["verdict"] == "FAIL" and d["reasons"]
+    ev = next(c for c in d["checks"] if c["name"] == "evidence_region_swap")
+    assert ev["result"] == "fail" and ev["decisive"] and ev["figure"] > ev["threshold"]
     att = next(c for c in d["checks"] if c["name"] == "attention_per_image")
-    assert att["result"] == "fail" and att["figure"] < att["threshold"]
+    assert att["result"] == "fail" and att["figure"] < att["threshold"] and not att["decisive"]
     assert set(att["details"]["measures"]) == {"iou", "dice", "ssim", "cosine", "pearson", "kl",
                                                "wasserstein"}
 
