@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel
+from starlette.types import ASGIApp
 
 from .decision import Decision
 from .decision_log import DecisionLog
@@ -113,8 +114,9 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve beyond this machine
 
 
-def create_app(gate: Gatekeeper, config: ServiceConfig | None = None) -> FastAPI:
-    """The ASGI app: POST /v1/gate, /health/live, /health/ready, /metrics, /review, /docs."""
+def create_app(gate: Gatekeeper, config: ServiceConfig | None = None) -> ASGIApp:
+    """The ASGI app: POST /v1/gate, /health/live, /health/ready, /metrics, /review, /docs.
+    It is the FastAPI app wrapped in the token check and request counting."""
     cfg = config or ServiceConfig()
     state = _State(gate, cfg)
 
@@ -133,7 +135,7 @@ def create_app(gate: Gatekeeper, config: ServiceConfig | None = None) -> FastAPI
     app.state.verifier = state
     app.add_exception_handler(Exception, _internal_error)
     _add_routes(app, state)
-    return _Guard(app, state)  # type: ignore[return-value]  # an ASGI app around the FastAPI app
+    return _Guard(app, state)
 
 
 # ------------------------------------------------------------------------------------ state
@@ -259,17 +261,13 @@ class _Batcher:
         while True:
             batch = [await q.get()]
             deadline = loop.time() + cfg.batch_wait_ms / 1000.0
-            while len(batch) < cfg.max_batch:
-                if not q.empty():
+            while len(batch) < cfg.max_batch:  # gather for batch_wait_ms or up to max_batch
+                while len(batch) < cfg.max_batch and not q.empty():
                     batch.append(q.get_nowait())
-                    continue
                 left = deadline - loop.time()
-                if left <= 0:
+                if left <= 0 or len(batch) >= cfg.max_batch:
                     break
-                try:
-                    batch.append(await asyncio.wait_for(q.get(), left))
-                except asyncio.TimeoutError:
-                    break
+                await asyncio.sleep(min(left, 0.001))
             self.waiting -= len(batch)
             try:
                 decisions = await loop.run_in_executor(self.state.probe_pool, self._gate, batch)
@@ -479,20 +477,7 @@ def _add_routes(app: FastAPI, st: _State) -> None:
         """A raw image body (PNG, JPEG, BMP, TIFF, DICOM, .npy; `X-Filename` names it) answers
         one decision record; a multipart form answers a list, one per file, in order. An
         unreadable image is a 200 with a reject record whose `error` says why."""
-        t0 = time.perf_counter()
-        body = _Body(request.receive)
-        if not st.ready:
-            await _drain(body, cfg)
-            return _error(503, "the gate is warming up; retry shortly", retry_after=1)
-        if st.inflight >= cfg.queue:
-            await _drain(body, cfg)
-            return _error(503, f"{st.inflight} requests in flight (queue {cfg.queue}); retry shortly",
-                          retry_after=1)
-        st.inflight += 1
-        try:
-            return await _gate_request(request, body, st, t0)
-        finally:
-            st.inflight -= 1
+        return await _handle_gate(request, st)
 
     @app.get("/health/live", summary="The process answers")
     async def live() -> dict[str, str]:
@@ -548,6 +533,25 @@ def latest_drift_report(where: Path | None) -> Path | None:
         found = sorted(where.glob("*.html"), key=lambda p: p.stat().st_mtime)
         return found[-1] if found else None
     return None
+
+
+async def _handle_gate(request: Request, st: _State) -> Response:
+    """POST /v1/gate, from the route or from `_Guard`'s fast path (the same answers)."""
+    cfg = st.cfg
+    t0 = time.perf_counter()
+    body = _Body(request.receive)
+    if not st.ready:
+        await _drain(body, cfg)
+        return _error(503, "the gate is warming up; retry shortly", retry_after=1)
+    if st.inflight >= cfg.queue:
+        await _drain(body, cfg)
+        return _error(503, f"{st.inflight} requests in flight (queue {cfg.queue}); retry shortly",
+                      retry_after=1)
+    st.inflight += 1
+    try:
+        return await _gate_request(request, body, st, t0)
+    finally:
+        st.inflight -= 1
 
 
 async def _gate_request(request: Request, reader: _Body, st: _State, t0: float) -> Response:
@@ -734,10 +738,22 @@ class _Guard:
         try:
             if self.token is not None and path not in _OPEN_PATHS and not self._authorised(scope):
                 await self._refuse(scope, receive, counted)
+            elif path == "/v1/gate" and scope["method"] == "POST":
+                await self._gate(scope, receive, counted)
             else:
                 await self.app(scope, receive, counted)
         finally:
             self.state.metrics.requests.labels(route, str(status[0])).inc()
+
+    async def _gate(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """The hot path straight to the handler: FastAPI's middleware, routing and dependency
+        resolution cost as much CPU per request as a small model's probe pass (profiled)."""
+        try:
+            resp = await _handle_gate(Request(scope, receive), self.state)
+        except Exception:
+            log.exception("unhandled error on POST /v1/gate")
+            resp = _error(500, "internal error; the server log has the details")
+        await resp(scope, receive, send)
 
     def _authorised(self, scope: dict) -> bool:
         assert self.token is not None
@@ -785,12 +801,9 @@ def serve(gate: Gatekeeper, config: ServiceConfig, host: str = "127.0.0.1", port
             "gate images, read /metrics and see rejected images on /review. Give --token-file F "
             "(clients send 'Authorization: Bearer <token>'), or bind 127.0.0.1")
 
-    class Protocol(_HeaderTimeoutH11):
-        header_timeout = header_timeout_s
-
     app = create_app(gate, config)
     server = uvicorn.Server(uvicorn.Config(
-        app, host=host, port=port, http=Protocol, lifespan="on", log_level="warning",
+        app, host=host, port=port, http=_protocol(header_timeout_s), lifespan="on", log_level="warning",
         access_log=False, server_header=False, timeout_keep_alive=int(max(1, keep_alive_s)),
         timeout_graceful_shutdown=max(30, int(config.body_timeout_s) + 5),
         limit_concurrency=2 * config.queue + 64))
@@ -804,27 +817,33 @@ def serve(gate: Gatekeeper, config: ServiceConfig, host: str = "127.0.0.1", port
             signal.signal(s, h)
 
 
-def _header_protocol_base() -> type:
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+def _protocol(header_timeout: float) -> type:
+    """uvicorn's fastest available HTTP/1.1 protocol (httptools, else h11) with a head timer."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # httptools not installed: the pure-Python parser
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base  # type: ignore[assignment]
+    return type("HeadTimeoutProtocol", (_HeadTimeout, base), {"header_timeout": header_timeout})
 
-    return H11Protocol
 
-
-class _HeaderTimeoutH11(_header_protocol_base()):  # type: ignore[misc]
-    """uvicorn's h11 protocol plus a request-header timeout: a client that connects and sends
-    no complete request head within `header_timeout` s gets a 408 and the connection closes
-    (uvicorn alone waits forever for the first request's head)."""
+class _HeadTimeout:
+    """Mixin for a uvicorn HTTP protocol: a client that connects and sends no complete request
+    head within `header_timeout` s gets a 408 and the connection closes (uvicorn alone waits
+    forever for a request head; its keep-alive timer only runs between requests)."""
 
     header_timeout = 10.0
-    _HEAD_408 = (b'{"error": "the request head did not arrive in time"}')
+    _HEAD_408 = b'{"error": "the request head did not arrive in time"}'
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
         self._head_timer: asyncio.TimerHandle | None = None
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        super().data_received(data)  # type: ignore[misc]
         if self.cycle is None or self.cycle.response_complete:
             if self._head_timer is None:
                 self._arm()
@@ -832,12 +851,12 @@ class _HeaderTimeoutH11(_header_protocol_base()):  # type: ignore[misc]
             self._disarm()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._disarm()  # idle keep-alive time is uvicorn's timeout_keep_alive
+        super().on_response_complete()  # type: ignore[misc]
+        self._disarm()  # idle time between requests is uvicorn's timeout_keep_alive
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _arm(self) -> None:
         self._head_timer = self.loop.call_later(self.header_timeout, self._expired)

@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds for a request head to arrive (408 beyond; default 10)")
     p.add_argument("--keep-alive", type=float, default=5.0, metavar="S",
                    help="idle seconds before a keep-alive connection closes (default 5)")
+    p.add_argument("--log-flush-rows", type=int, default=512, metavar="N",
+                   help="write the pending decisions to the log once N are waiting (default 512)")
+    p.add_argument("--log-flush-s", type=float, default=2.0, metavar="S",
+                   help="... or every S seconds (default 2); always on a graceful stop")
     p.add_argument("--drift-report", metavar="PATH",
                    help="drift report HTML (or a folder of them: the newest) linked from /review")
     p.add_argument("--review-keep", type=int, default=24,
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ServiceConfig(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                         max_body_mb=args.max_body_mb, queue=args.queue,
                         body_timeout_s=args.body_timeout, token=token,
-                        log=Path(args.log) if args.log else None, review_keep=args.review_keep,
+                        log=Path(args.log) if args.log else None, log_rows=args.log_flush_rows,
+                        log_seconds=args.log_flush_s, review_keep=args.review_keep,
                         drift_report=Path(args.drift_report) if args.drift_report else None)
     from ..gate import Gatekeeper
     from ..spec import load_spec
