@@ -57,10 +57,14 @@ def main() -> int:
             answered += 1
             for c in [int(v) for v in args.levels.split(",")]:
                 for _ in range(args.rounds):  # interleaved, so both see the same background load
-                    inproc_runs.append(_in_process(gate, files))
+                    rate, cpu = _in_process(gate, files)
+                    inproc_runs.append(rate)
+                    s0, c0 = _cpu_s(proc.pid), time.process_time()
                     res = _load(port, files, c, args.count if c > 1 else max(50, args.count // 4),
                                 args.seconds)
-                    res["in_process_images_per_s"] = inproc_runs[-1]
+                    res["server_cpu_ms_per_request"] = 1000 * (_cpu_s(proc.pid) - s0) / res["requests"]
+                    res["client_cpu_ms_per_request"] = 1000 * (time.process_time() - c0) / res["requests"]
+                    res["in_process_images_per_s"], res["in_process_cpu_ms_per_image"] = rate, cpu
                     answered += res.pop("answered")
                     levels.append(res)
             malformed = _malformed(port, tmp)
@@ -129,11 +133,20 @@ def _in_process_gate(bundle: Path, files: list[Path], batch: int):
     return gate
 
 
-def _in_process(gate, files: list[Path]) -> float:
-    """Images/s of one Gatekeeper.gate(paths) call over all files (decode + probe + decide)."""
-    t0 = time.perf_counter()
+def _in_process(gate, files: list[Path]) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of one Gatekeeper.gate(paths) call over all files."""
+    t0, c0 = time.perf_counter(), time.process_time()
     gate.gate(files)
-    return len(files) / (time.perf_counter() - t0)
+    return len(files) / (time.perf_counter() - t0), 1000 * (time.process_time() - c0) / len(files)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc; NaN elsewhere)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _start(bundle: Path, port: int, log: Path, args: argparse.Namespace) -> subprocess.Popen:
@@ -272,11 +285,12 @@ def _print(r: dict) -> None:
     print(f"\nin-process Gatekeeper.gate() on the same PNG files, batch {r['server']['max_batch']}: "
           f"median {r['in_process_images_per_s']:.0f} images/s (one run before each server run)")
     print(f"{'concurrency':>11} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'in-process/s':>13} {'ratio':>6}")
+          f"{'in-process/s':>13} {'ratio':>6} {'CPU ms/req server':>18} {'client':>7} {'in-process':>11}")
     for lv in r["levels"]:
         print(f"{lv['concurrency']:>11} {lv['requests']:>9} {lv['requests_per_s']:>8.1f} {lv['p50_ms']:>8.1f} "
               f"{lv['p99_ms']:>8.1f} {lv['in_process_images_per_s']:>13.0f} "
-              f"{100 * lv['ratio_to_in_process']:>5.0f}%")
+              f"{100 * lv['ratio_to_in_process']:>5.0f}% {lv['server_cpu_ms_per_request']:>18.2f} "
+              f"{lv['client_cpu_ms_per_request']:>7.2f} {lv['in_process_cpu_ms_per_image']:>11.2f}")
     print("malformed set:", ", ".join(f"{k} -> {v}" for k, v in r["malformed"]["statuses"].items()))
     print(f"server errors on the malformed set: {r['malformed']['server_errors']}; "
           f"decisions answered {r['decisions_answered']}, rows logged {r['rows_logged']}; "

@@ -297,12 +297,16 @@ def test_concurrent_requests_share_probe_passes(server, pngs, odd_pngs):
     assert after["verifier_request_seconds_count"] >= len(todo)
 
 
-def test_token_rule(file_bundle, tmp_path, pngs):
+def test_token_rule(file_bundle, tmp_path, pngs, capsys):
+    from verifier.cli import main
+
     # beyond loopback without a token: refused at start-up, saying why, exit 2
-    out = subprocess.run([sys.executable, "-m", "verifier.cli", "serve", "--bundle", str(file_bundle),
-                          "--host", "0.0.0.0", "--port", str(_free_port())],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "without a token" in out.stderr and "--token-file" in out.stderr
+    assert main(["serve", "--bundle", str(file_bundle), "--host", "0.0.0.0", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "without a token" in err and "--token-file" in err
+    (tmp_path / "short").write_text("abc\n")
+    assert main(["serve", "--bundle", str(file_bundle), "--token-file", str(tmp_path / "short")]) == 2
+    assert "at least 16" in capsys.readouterr().err
     token = "s3cret-" + uuid.uuid4().hex
     (tmp_path / "token").write_text(token + "\n")
     proc, port, _ = _start(file_bundle, tmp_path, "--token-file", str(tmp_path / "token"))

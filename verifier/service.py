@@ -66,7 +66,7 @@ class ServiceConfig:
     token: str | None = None       # bearer token; None = no auth (loopback only, see `is_loopback`)
     log: Path | None = None        # decision log folder
     log_rows: int = 512            # flush the log buffer at this many rows ...
-    log_seconds: float = 2.0       # ... or this long after the oldest pending row
+    log_seconds: float = 2.0       # ... or every this many seconds
     review_keep: int = 24          # rejected images kept in memory for /review
     recent_keep: int = 200         # recent decisions listed on /review
     drift_report: Path | None = None  # an HTML report, or a folder whose newest *.html is linked
@@ -812,6 +812,9 @@ def serve(gate: Gatekeeper, config: ServiceConfig, host: str = "127.0.0.1", port
     old = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
+    except SystemExit as e:  # uvicorn exits 1 when it cannot bind; the CLI's errors exit 2
+        if e.code:
+            raise OSError(f"could not serve on {host}:{port} (the reason is logged above)") from None
     finally:
         for s, h in old.items():
             signal.signal(s, h)
