@@ -414,3 +414,50 @@ def _has_playwright() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_log_buffer_writes_by_size_by_time_and_on_stop(tmp_path):
+    """The service's log buffer: a part once `rows` are pending, a part every `seconds`, the
+    rest on stop; every row once, with its own decision time."""
+    import asyncio
+    from datetime import datetime, timezone
+
+    from verifier.decision import Decision
+    from verifier.decision_log import DecisionLog
+    from verifier.service import _LogBuffer, _Metrics
+
+    def batch(n: int, tag: str) -> list[Decision]:
+        return [Decision.from_error(f"{tag}-{i}.png", "unreadable", None) for i in range(n)]
+
+    def parts(root: Path) -> list[Path]:
+        return sorted(root.glob("date=*/part-*.parquet"))
+
+    async def scenario() -> None:
+        by_size = _LogBuffer(DecisionLog(tmp_path / "a"), "bundle-x", 0.05, 4, _Metrics(0.05))
+        by_size.start(asyncio.get_running_loop(), 600.0)
+        by_size.add(batch(5, "a"), datetime.now(timezone.utc))   # over 4 rows: written now
+        for _ in range(100):
+            if parts(tmp_path / "a"):
+                break
+            await asyncio.sleep(0.02)
+        assert len(parts(tmp_path / "a")) == 1
+        by_size.add(batch(2, "b"), datetime.now(timezone.utc))   # under 4 rows: waits
+        await asyncio.sleep(0.1)
+        assert len(parts(tmp_path / "a")) == 1
+        await by_size.stop()                                      # the rest on stop
+        assert len(parts(tmp_path / "a")) == 2 and by_size.written == 7
+
+        by_time = _LogBuffer(DecisionLog(tmp_path / "b"), "bundle-x", 0.05, 1000, _Metrics(0.05))
+        by_time.start(asyncio.get_running_loop(), 0.05)
+        by_time.add(batch(3, "c"), datetime.now(timezone.utc))
+        for _ in range(100):
+            if parts(tmp_path / "b"):
+                break
+            await asyncio.sleep(0.02)
+        assert by_time.written == 3
+        await by_time.stop()
+
+    asyncio.run(scenario())
+    rows = pq.read_table(parts(tmp_path / "a")).to_pydict()
+    assert sorted(rows["input"]) == sorted([f"a-{i}.png" for i in range(5)] + ["b-0.png", "b-1.png"])
+    assert set(rows["bundle_id"]) == {"bundle-x"} and set(rows["decision"]) == {"reject"}
