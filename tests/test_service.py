@@ -297,7 +297,7 @@ def test_concurrent_requests_share_probe_passes(server, pngs, odd_pngs):
     assert after["verifier_request_seconds_count"] >= len(todo)
 
 
-def test_token_rule(file_bundle, tmp_path, pngs, capsys):
+def test_token_rule_and_full_queue(file_bundle, tmp_path, pngs, capsys):
     from verifier.cli import main
 
     # beyond loopback without a token: refused at start-up, saying why, exit 2
@@ -309,7 +309,8 @@ def test_token_rule(file_bundle, tmp_path, pngs, capsys):
     assert "at least 16" in capsys.readouterr().err
     token = "s3cret-" + uuid.uuid4().hex
     (tmp_path / "token").write_text(token + "\n")
-    proc, port, _ = _start(file_bundle, tmp_path, "--token-file", str(tmp_path / "token"))
+    proc, port, err = _start(file_bundle, tmp_path, "--token-file", str(tmp_path / "token"),
+                             "--queue", "2", "--batch-wait-ms", "300")
     try:
         data = pngs[0].read_bytes()
         assert _request(port, "POST", "/v1/gate", data, {"Content-Type": "image/png"})[0] == 401
@@ -325,6 +326,15 @@ def test_token_rule(file_bundle, tmp_path, pngs, capsys):
         assert status == 200 and set(json.loads(body)) == FIELDS
         status, headers, _ = _request(port, "GET", f"/review?token={token}")
         assert status == 303 and "verifier_token=" in headers.get("set-cookie", "")
+        # --queue 2 and a 300 ms gathering window: of 10 requests at once most are turned away
+        auth = {"Content-Type": "image/png", "Authorization": f"Bearer {token}"}
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda p: _request(port, "POST", "/v1/gate", p.read_bytes(), auth),
+                                    pngs[:10]))
+        full = [(h, json.loads(b)) for s, h, b in answers if s == 503]
+        assert {s for s, _, _ in answers} == {200, 503} and len(full) >= 5
+        assert all(h.get("retry-after") == "1" and "retry" in e["error"] for h, e in full)
+        assert "Traceback" not in err.read_text()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
