@@ -36,7 +36,8 @@ from .decision_log import DecisionLog
 from .gate import Gatekeeper
 from .io import IMAGE_SUFFIXES, load_images
 
-__all__ = ["ServiceConfig", "create_app", "is_loopback", "DecisionRecord"]
+__all__ = ["ServiceConfig", "create_app", "serve", "is_loopback", "latest_drift_report", "DecisionRecord",
+           "QueueFull"]
 
 log = logging.getLogger("verifier.service")
 
