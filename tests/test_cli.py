@@ -87,38 +87,6 @@ def test_help_teaches():
     assert "--bundle" in out.stdout and "--json" in out.stdout and "Exit code" in out.stdout
 
 
-def test_serve_gates_posted_images(cli_bundle, mnist, tmp_path):
-    import io
-    import threading
-    import urllib.request
-
-    from PIL import Image
-
-    from verifier.gate import Gatekeeper
-    from verifier.serve import make_server
-
-    server = make_server(Gatekeeper.load(cli_bundle / "bundle"), "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_port}"
-    try:
-        health = json.load(urllib.request.urlopen(base + "/health", timeout=10))
-        assert health["status"] == "ok" and health["alpha"] == 0.05
-        buf = io.BytesIO()
-        Image.fromarray(mnist[0][POOL][0]).save(buf, format="PNG")
-        req = urllib.request.Request(base + "/gate", data=buf.getvalue(),
-                                     headers={"Content-Type": "image/png", "X-Filename": "d.png"})
-        d = json.load(urllib.request.urlopen(req, timeout=30))
-        assert set(d) == FIELDS and d["input"] == "d.png" and d["error"] is None
-        assert d["predicted_class"] == str(mnist[1][POOL][0])
-        bad = urllib.request.Request(base + "/gate", data=b"nonsense", headers={"Content-Type": "image/png"})
-        d = json.load(urllib.request.urlopen(bad, timeout=30))
-        assert d["decision"] == "reject" and d["error"]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_declare_a_torchscript_copy_then_gate_with_it(cli_bundle, gap_model, mnist, tmp_path, capsys):
     import shutil
 

@@ -1,0 +1,301 @@
+"""Load test of `verifier serve` on loopback against in-process `Gatekeeper.gate()` on the same images.
+
+Run: .venv/bin/python benchmarks/serve_load.py [--count 600] [--seconds 40] [--out F.json]
+Starts a server process on 127.0.0.1 (a free port), measures requests/s and p50/p99 latency at
+concurrency 1, 8 and 32 (bounded by --count requests and --seconds per level, so it stops by
+itself), sends the malformed-request set (0 server errors expected), stops the server with
+SIGTERM and checks rows logged == decisions answered. Prints a table, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "benchmarks" / "results" / "serve_load.json"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=600, help="requests per concurrency level at most")
+    ap.add_argument("--seconds", type=float, default=40.0, help="seconds per concurrency level at most")
+    ap.add_argument("--images", type=int, default=256, help="distinct images cycled through")
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch/BLAS threads in both processes")
+    ap.add_argument("--levels", default="1,8,32", help="concurrency levels, comma-separated")
+    ap.add_argument("--rounds", type=int, default=2, help="runs per level, each after an in-process run")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        tmp = Path(tmp)
+        bundle, files = _bundle_and_images(tmp, args.images)
+        gate = _in_process_gate(bundle, files, args.max_batch)
+        inproc_runs: list[float] = []
+        port = _free_port()
+        proc = _start(bundle, port, tmp / "log", args)
+        levels, answered = [], 0
+        try:
+            _post(port, files[0], http.client.HTTPConnection("127.0.0.1", port, timeout=60))  # warm
+            answered += 1
+            for c in [int(v) for v in args.levels.split(",")]:
+                for _ in range(args.rounds):  # interleaved, so both see the same background load
+                    rate, cpu = _in_process(gate, files)
+                    inproc_runs.append(rate)
+                    s0, c0 = _cpu_s(proc.pid), time.process_time()
+                    res = _load(port, files, c, args.count if c > 1 else max(50, args.count // 4),
+                                args.seconds)
+                    res["server_cpu_ms_per_request"] = 1000 * (_cpu_s(proc.pid) - s0) / res["requests"]
+                    res["client_cpu_ms_per_request"] = 1000 * (time.process_time() - c0) / res["requests"]
+                    res["in_process_images_per_s"], res["in_process_cpu_ms_per_image"] = rate, cpu
+                    answered += res.pop("answered")
+                    levels.append(res)
+            malformed = _malformed(port, tmp)
+            answered += malformed.pop("answered")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        rows = _logged_rows(tmp / "log")
+
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
+                    "python": platform.python_version()},
+        "model": "SmallCNN (MNIST, 28x28 gray), ONNX backend; PNG files of real digits",
+        "server": {"max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "exit_code": rc},
+        "in_process_images_per_s": statistics.median(inproc_runs),
+        "levels": levels,
+        "malformed": malformed,
+        "decisions_answered": answered,
+        "rows_logged": rows,
+    }
+    for lv in levels:
+        lv["ratio_to_in_process"] = lv["requests_per_s"] / lv["in_process_images_per_s"]
+    _print(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    ok = rows == answered and malformed["server_errors"] == 0 and rc == 0
+    return 0 if ok else 1
+
+
+def _bundle_and_images(tmp: Path, n: int) -> tuple[Path, list[Path]]:
+    """A SmallCNN trained one epoch on 3,000 real digits, exported to ONNX and bundled; n PNGs."""
+    import torch
+    from PIL import Image
+
+    from verifier.backends.onnx_backend import export_onnx
+    from verifier.builder import build_bundle
+    from verifier.datasets import load_mnist
+    from verifier.spec import load_spec
+    from verifier.zoo import SmallCNN, mnist_spec, train_classifier
+
+    torch.set_num_threads(1)
+    x, y = load_mnist()
+    torch.manual_seed(0)
+    model = train_classifier(SmallCNN(head="gap"), x[:3000], y[:3000], epochs=1, seed=0)
+    export_onnx(model, mnist_spec(model), tmp / "model.onnx")
+    (tmp / "model.toml").write_text(
+        '[model]\npath = "model.onnx"\nclasses = ["0","1","2","3","4","5","6","7","8","9"]\n'
+        "[input]\nsize = [28, 28]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n")
+    build_bundle(load_spec(tmp / "model.toml"), (x[:1500], y[:1500]), tmp / "bundle",
+                 calibration=(x[3000:3600], y[3000:3600]), seed=0)
+    (tmp / "img").mkdir()
+    files = []
+    for i, a in enumerate(x[3600:3600 + n]):
+        p = tmp / "img" / f"d{i:04d}.png"
+        Image.fromarray(a).save(p)
+        files.append(p)
+    return tmp / "bundle", files
+
+
+def _in_process_gate(bundle: Path, files: list[Path], batch: int):
+    from verifier.gate import Gatekeeper
+
+    gate = Gatekeeper.load(bundle, batch_size=batch)
+    gate.gate(files[:batch])  # warm
+    return gate
+
+
+def _in_process(gate, files: list[Path]) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of one Gatekeeper.gate(paths) call over all files."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    gate.gate(files)
+    return len(files) / (time.perf_counter() - t0), 1000 * (time.process_time() - c0) / len(files)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc; NaN elsewhere)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _start(bundle: Path, port: int, log: Path, args: argparse.Namespace) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "verifier.cli", "serve", "--bundle", str(bundle), "--port", str(port),
+         "--log", str(log), "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
+         "--queue", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/health/ready")
+            if c.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server not ready within 120 s")
+
+
+def _post(port: int, path: Path, conn: http.client.HTTPConnection) -> int:
+    conn.request("POST", "/v1/gate", body=path.read_bytes(),
+                 headers={"Content-Type": "image/png", "X-Filename": path.name})
+    r = conn.getresponse()
+    body = r.read()
+    if r.status == 200:
+        json.loads(body)
+    return r.status
+
+
+def _load(port: int, files: list[Path], concurrency: int, count: int, seconds: float) -> dict:
+    """`count` requests (or `seconds`) from `concurrency` keep-alive clients; latency per request."""
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    next_i = [0]
+    stop_at = time.monotonic() + seconds
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while time.monotonic() < stop_at:
+            with lock:
+                i = next_i[0]
+                if i >= count:
+                    break
+                next_i[0] += 1
+            t0 = time.perf_counter()
+            try:
+                s = _post(port, files[i % len(files)], conn)
+            except (OSError, http.client.HTTPException):
+                s = -1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            dt = time.perf_counter() - t0
+            with lock:
+                statuses[s] = statuses.get(s, 0) + 1
+                if s == 200:
+                    lat.append(dt)
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = statuses.get(200, 0)
+    q = np.quantile(lat, [0.5, 0.99]) if lat else [float("nan")] * 2
+    return {"concurrency": concurrency, "requests": sum(statuses.values()), "ok": ok,
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "requests_per_s": ok / wall, "p50_ms": 1000 * float(q[0]), "p99_ms": 1000 * float(q[1]),
+            "mean_ms": 1000 * statistics.fmean(lat) if lat else float("nan"), "answered": ok}
+
+
+def _malformed(port: int, tmp: Path) -> dict:
+    """The bad-request set; a 5xx or a dropped connection counts as a server error."""
+    def req(body, headers) -> int:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            c.request("POST", "/v1/gate", body=body, headers=headers)
+            r = c.getresponse()
+            r.read()
+            return r.status
+        except (OSError, http.client.HTTPException):
+            return -1
+        finally:
+            c.close()
+
+    def raw(data: bytes) -> int:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(data)
+            got = b""
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except OSError:
+                return -1
+        try:
+            return int(got.split(b" ", 2)[1])
+        except (IndexError, ValueError):
+            return -1
+
+    cases = {
+        "empty body": lambda: req(b"", {"Content-Type": "image/png"}),
+        "wrong type": lambda: req(b"{}", {"Content-Type": "application/json"}),
+        "over the size limit": lambda: req(bytes(20 << 20), {"Content-Type": "image/png"}),
+        "non-image bytes": lambda: req(b"\x00garbage" * 100, {"Content-Type": "image/png", "X-Filename": "junk.png"}),
+        "truncated PNG": lambda: req(b"\x89PNG\r\n\x1a\n\x00\x00", {"Content-Type": "image/png"}),
+        "bad Content-Length": lambda: raw(b"POST /v1/gate HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\nabc"),
+        "bad multipart": lambda: req(b"--x\r\nnonsense", {"Content-Type": "multipart/form-data; boundary=x"}),
+    }
+    statuses = {name: f() for name, f in cases.items()}
+    errors = sum(s == -1 or s >= 500 for s in statuses.values())
+    answered = sum(s == 200 for s in statuses.values())  # non-image bytes: an error record, logged
+    return {"statuses": statuses, "server_errors": errors, "answered": answered}
+
+
+def _logged_rows(log: Path) -> int:
+    import pyarrow.parquet as pq
+
+    files = list(log.glob("date=*/part-*.parquet"))
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _print(r: dict) -> None:
+    print(f"\nin-process Gatekeeper.gate() on the same PNG files, batch {r['server']['max_batch']}: "
+          f"median {r['in_process_images_per_s']:.0f} images/s (one run before each server run)")
+    print(f"{'concurrency':>11} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'in-process/s':>13} {'ratio':>6} {'CPU ms/req server':>18} {'client':>7} {'in-process':>11}")
+    for lv in r["levels"]:
+        print(f"{lv['concurrency']:>11} {lv['requests']:>9} {lv['requests_per_s']:>8.1f} {lv['p50_ms']:>8.1f} "
+              f"{lv['p99_ms']:>8.1f} {lv['in_process_images_per_s']:>13.0f} "
+              f"{100 * lv['ratio_to_in_process']:>5.0f}% {lv['server_cpu_ms_per_request']:>18.2f} "
+              f"{lv['client_cpu_ms_per_request']:>7.2f} {lv['in_process_cpu_ms_per_image']:>11.2f}")
+    print("malformed set:", ", ".join(f"{k} -> {v}" for k, v in r["malformed"]["statuses"].items()))
+    print(f"server errors on the malformed set: {r['malformed']['server_errors']}; "
+          f"decisions answered {r['decisions_answered']}, rows logged {r['rows_logged']}; "
+          f"server exit code {r['server']['exit_code']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
