@@ -43,7 +43,7 @@ ZOO: dict[str, tuple[bool, dict]] = {
     **{f"seed{s}": (True, {"seed": s}) for s in range(1, 7)},
     "fc_head_seed1": (True, {"head": "fc", "seed": 1}),
     "fc_head_seed2": (True, {"head": "fc", "seed": 2}),
-    "width8": (True, {"width": 8, "seed": 3}),
+    "width24": (True, {"width": 24, "seed": 3}),
     "width32": (True, {"width": 32, "seed": 4}),
     "seed1_onnx": (True, {"seed": 1, "onnx": True}),
     "marker_100pct": (False, {"seed": 11, "cue": "marker", "share": 1.0}),
@@ -145,14 +145,20 @@ def _summary(rows: list[dict]) -> dict:
     from scipy.stats import binomtest
 
     out = {}
-    for key, want in (("false_fail", True), ("false_pass", False)):
-        sub = [r for r in rows if r["suitable"] is want]
+    groups = {"false_fail_clean_site": lambda r: r["suitable"] and r["site"] == "clean",
+              "false_fail_any_site": lambda r: r["suitable"],
+              "false_pass": lambda r: not r["suitable"]}
+    for key, pick in groups.items():
+        sub = [r for r in rows if pick(r)]
         wrong = sum(not r["correct"] for r in sub)
         ci = binomtest(wrong, len(sub)).proportion_ci() if sub else None
         out[key] = {"wrong": wrong, "audits": len(sub),
                     "rate": wrong / len(sub) if sub else None,
                     "ci95": [ci.low, ci.high] if ci else None,
-                    "which": [f"{r['candidate']}@{r['site']}" for r in sub if not r["correct"]]}
+                    "which": [f"{r['candidate']}@{r['site']}: {r['failed'] or 'PASS'}"
+                              for r in sub if not r["correct"]]}
+    suitable = [r for r in rows if r["suitable"]]
+    out["evidence_check_false_fail"] = sum("evidence_region_swap" in r["failed"] for r in suitable)
     return out
 
 
