@@ -28,7 +28,8 @@ from calibration.conformal import conformal_p_values
 from calibration.indist import COMBINE_METHODS, InDistributionConformal
 from verifier.builder import build_bundle
 from verifier.bundle import Bundle
-from verifier.compare import higher_is_worse
+from verifier.builder import COMBINED_FAMILIES
+from verifier.compare import higher_is_worse, score_family
 from verifier.datasets import OOD_SOURCES, load_mnist, load_sklearn_digits, ood_images
 from verifier.gate import Gatekeeper
 from verifier.zoo import SmallCNN, mnist_spec, preprocess_uint8, train_classifier
@@ -44,6 +45,7 @@ def main() -> int:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     data = _split()
+    torch.manual_seed(0)  # the initial weights too: the whole run is reproducible
     model = train_classifier(SmallCNN(num_classes=IN_CLASSES), *data["reference"], epochs=4, seed=0)
     spec = mnist_spec(model, classes=IN_CLASSES)
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,23 +56,27 @@ def main() -> int:
     sets = _sets(data)
     runs = {name: _run(gate, imgs) for name, (imgs, _) in sets.items()}
     ref = _run(gate, data["reference"][0])
-    peers = _Peers(model, ref)
+    peers = _Peers(model, ref, data["reference"][1])
     scores = {name: peers.scores(r) for name, r in runs.items()}
     names = gate.bundle.score_names
     for name, r in runs.items():
         scores[name]["gate"] = -r["p_value"]            # the decision's own p-value
+        used = [list(names).index(n) for n in gate.bundle.combiner.names_]
+        scores[name]["gate_statistic"] = gate.bundle.combiner.score(r["matrix"][:, used])
         scores[name]["old_fused"] = gate.bundle.fusion.score(r["matrix"])
     combos = _combinations(runs, gate, names)
     for name in runs:
         scores[name].update(combos[name])
     rows = _table(scores, runs, sets)
     _print(rows)
+    components = _components(runs, names)
     out = Path(__file__).parent / "results" / "ood.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"alpha": ALPHA, "in_classes": IN_CLASSES,
                                "n": {k: len(v[0]) for k, v in sets.items()},
                                "guarantee": gate.bundle.guarantee,
                                "score_names": list(names), "rows": rows,
+                               "component_auroc": components,
                                "build_seconds": t_build,
                                "seconds": time.perf_counter() - t0}, indent=2))
     print(f"wrote {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -137,10 +143,9 @@ class _Peers:
     """Standard detectors from their published formulas, fitted on the reference features.
     Every score: higher = more OOD."""
 
-    def __init__(self, model: torch.nn.Module, ref: dict[str, np.ndarray]) -> None:
+    def __init__(self, model: torch.nn.Module, ref: dict[str, np.ndarray], labels: np.ndarray) -> None:
         from sklearn.neighbors import NearestNeighbors
 
-        labels = ref["logits"].argmax(1)  # (reference labels ~ predictions; training accuracy ~99%)
         self.maha = _TiedGaussian(ref["features"], labels)
         self.layers = [_TiedGaussian(b, labels) for b in ref["blocks"]]
         d = np.stack([g.distance(b) for g, b in zip(self.layers, ref["blocks"])], axis=1)
@@ -196,15 +201,28 @@ def _combinations(runs, gate: Gatekeeper, names) -> dict[str, dict[str, np.ndarr
     fit = rng.permutation(len(cal))[: len(cal) // 3]
     dirs = [higher_is_worse(n) for n in names]
     out: dict[str, dict[str, np.ndarray]] = {k: {} for k in runs}
-    for method in COMBINE_METHODS:
-        c = InDistributionConformal(method).fit(cal[fit], dirs)
-        for k, r in runs.items():
-            out[k][f"indist_{method}"] = c.score(r["matrix"])
-    feat_cols = [i for i, n in enumerate(names) if n.startswith(("feat_", "penultimate", "knn"))
-                 or n in ("msp", "energy", "garbage")]
-    c = InDistributionConformal("fisher").fit(cal[fit][:, feat_cols], [dirs[i] for i in feat_cols])
-    for k, r in runs.items():
-        out[k]["indist_fisher_feat"] = c.score(r["matrix"][:, feat_cols])
+    fams = [score_family(n) for n in names]
+    subsets = {"all": list(range(len(names))),
+               "feat": [j for j, f in enumerate(fams) if f in COMBINED_FAMILIES],
+               "feat_early": [j for j, f in enumerate(fams) if f in (*COMBINED_FAMILIES, "early_features")]}
+    for sub, cols in subsets.items():
+        for method in COMBINE_METHODS:
+            c = InDistributionConformal(method).fit(cal[fit][:, cols], [dirs[j] for j in cols])
+            for k, r in runs.items():
+                out[k][f"{method}_{sub}"] = c.score(r["matrix"][:, cols])
+    return out
+
+
+def _components(runs, names) -> dict[str, dict[str, float]]:
+    """AUROC of each of the gate's own scores (oriented), per near-OOD set: a diagnostic."""
+    out = {}
+    for j, n in enumerate(names):
+        sign = 1.0 if higher_is_worse(n) else -1.0
+        ind = sign * runs["id_test"]["matrix"][:, j]
+        out[n] = {s: _auroc(ind, sign * runs[s]["matrix"][:, j]) for s in NEAR}
+    print("\ncomponent AUROC " + " ".join(f"{s[:12]:>12}" for s in NEAR))
+    for n, row in out.items():
+        print(f"{n:<26}" + " ".join(f"{row[s]:>12.3f}" for s in NEAR))
     return out
 
 
@@ -216,7 +234,7 @@ def _table(scores, runs, sets) -> dict[str, dict[str, dict[str, float]]]:
         ind, cal = scores["id_test"][det], scores["calibration"][det]
         ref = np.sort(cal)
         thr_reject = lambda s: conformal_p_values(ref, s, True) <= ALPHA  # noqa: E731
-        if det == "gate":
+        if det == "gate":  # the gate's own decisions
             thr_reject = lambda s: -s <= ALPHA  # noqa: E731  (s = -p_value)
         row = {"id_test": {"frr": float(thr_reject(ind).mean())}}
         for name in sets:

@@ -11,7 +11,10 @@ import numpy as np
 
 from .conformal import GUARANTEES, ConformalCalibrator
 
-__all__ = ["InDistributionConformal", "COMBINE_METHODS"]
+__all__ = ["InDistributionConformal", "COMBINE_METHODS", "POOLED"]
+
+#: a `min_class_size` no class reaches: one pooled calibration set, the finest p-value grid
+POOLED = 2**62
 
 #: statistics of the k oriented per-score values (see `InDistributionConformal`)
 COMBINE_METHODS = ("fisher", "gaussian", "maxz")
@@ -34,13 +37,15 @@ class InDistributionConformal:
     - "maxz": max_j z_j (a Tippett-type rule).
 
     `calibrate` conformalises the statistic on in-distribution rows disjoint from `fit`'s
-    (per class with >= `min_class_size` points, pooled otherwise; `guarantee="pac"` pools
-    and uses calibration-conditional p-values at level `delta`). Learned state: oriented
-    sorted fit columns `ref_` (n_fit, k), tail parameters `tail_loc_`, `tail_scale_` (k,),
+    (pooled by default: the statistic does not depend on the predicted class, and one
+    pooled set gives p-values on a grid of 1 / (n + 1), not 1 / (n_k + 1); per class where
+    a class has >= `min_class_size` points if given). `guarantee="pac"` always pools and
+    uses calibration-conditional p-values at level `delta`. Learned state: oriented
+    sorted fit columns `ref_` (n_fit, k), score names `names_` (k,), tail parameters `tail_loc_`, `tail_scale_` (k,),
     `z_mean_` (k,), `z_precision_` (k, k), `calibrator_`.
     """
 
-    def __init__(self, method: str = "fisher", min_class_size: int = 50,
+    def __init__(self, method: str = "fisher", min_class_size: int = POOLED,
                  guarantee: str = "marginal", delta: float = 0.1) -> None:
         if method not in COMBINE_METHODS:
             raise ValueError(f"method must be one of {COMBINE_METHODS}, got {method!r}")
@@ -52,8 +57,10 @@ class InDistributionConformal:
         self.min_class_size = int(min_class_size)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, features_id: np.ndarray, higher_is_worse: Sequence[bool]) -> InDistributionConformal:
-        """Learn the per-score transforms from in-distribution rows (n, k) (finite values)."""
+    def fit(self, features_id: np.ndarray, higher_is_worse: Sequence[bool],
+            names: Sequence[str] | None = None) -> InDistributionConformal:
+        """Learn the per-score transforms from in-distribution rows (n, k) (finite values);
+        `names` (k,) records which scores the columns are (`names_`)."""
         x = np.asarray(features_id, dtype=np.float64)
         sign = np.where(np.asarray(higher_is_worse, dtype=bool), 1.0, -1.0)
         if x.ndim != 2 or x.shape[1] != len(sign) or len(x) < 10:
@@ -61,6 +68,9 @@ class InDistributionConformal:
         if not np.isfinite(x).all():
             raise ValueError("in-distribution fit rows hold NaN or inf")
         self.sign_ = sign
+        self.names_ = [str(n) for n in (names if names is not None else range(len(sign)))]
+        if len(self.names_) != len(sign):
+            raise ValueError("names and higher_is_worse differ in length")
         self.ref_ = np.sort(x * sign, axis=0)
         upper = self.ref_[len(x) // 2:]
         self.tail_loc_ = np.median(self.ref_, axis=0)
@@ -115,7 +125,7 @@ class InDistributionConformal:
         """Plain arrays (no object dtype, no pickle); `from_arrays` round-trips exactly."""
         arrays = {"method": np.array(self.method), "guarantee": np.array(self.guarantee),
                   "delta": np.array(self.delta), "min_class_size": np.array(self.min_class_size),
-                  "sign": self.sign_.copy(), "ref": self.ref_.copy(),
+                  "names": np.array(self.names_, dtype=str), "sign": self.sign_.copy(), "ref": self.ref_.copy(),
                   "tail_loc": self.tail_loc_.copy(), "tail_scale": self.tail_scale_.copy(),
                   "z_mean": self.z_mean_.copy(), "z_precision": self.z_precision_.copy()}
         if hasattr(self, "calibrator_"):
@@ -129,8 +139,9 @@ class InDistributionConformal:
                    str(arrays["guarantee"]), float(arrays["delta"]))
         for key in ("sign", "ref", "tail_loc", "tail_scale", "z_mean", "z_precision"):
             setattr(self, f"{key}_", np.asarray(arrays[key], dtype=np.float64).copy())
+        self.names_ = [str(n) for n in np.asarray(arrays["names"]).reshape(-1)]
         k = len(self.sign_)
-        if self.ref_.ndim != 2 or self.ref_.shape[1] != k or self.z_precision_.shape != (k, k):
+        if len(self.names_) != k or self.ref_.ndim != 2 or self.ref_.shape[1] != k or self.z_precision_.shape != (k, k):
             raise ValueError("in-distribution combiner arrays have inconsistent shapes")
         cal = {key[4:]: v for key, v in arrays.items() if key.startswith("cal_")}
         if cal:

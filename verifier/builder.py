@@ -20,13 +20,15 @@ from reference_maps.canonical import DEFAULT_GRID, to_grid
 from reference_maps.store import ReferenceStore
 
 from .bundle import Bundle
-from .compare import Comparator, higher_is_worse
+from .compare import Comparator, higher_is_worse, score_family
 from .garbage import GarbageHead, garbage_score, synthetic_garbage
 from .probe import Probe, ProbeResult, open_probe
 from .spec import ModelSpec
 
 __all__ = ["build_bundle", "LabelledData", "BuildReport", "to_raw_pixels", "from_raw_pixels"]
 
+#: families the default in-distribution combination uses (docs/gate.md: measured choice)
+COMBINED_FAMILIES = ("features", "output", "garbage")
 _PIXEL_SAMPLES = 512  # reference images kept (uint8) to make synthetic garbage from
 
 
@@ -79,7 +81,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                  batch_size: int = 64, seed: int = 0, progress: bool = False,
                  probe: Probe | None = None, head_samples: int = 2000,
                  guarantee: str = "marginal", delta: float = 0.1,
-                 combine_method: str = "fisher") -> Bundle:
+                 combine_method: str = "fisher", combine_families: Sequence[str] | None = COMBINED_FAMILIES) -> Bundle:
     """Build and save a bundle; returns it (loaded state, `bundle.info` holds the figures).
 
     data / calibration: a folder, a CSV manifest or (images, labels) arrays. Without
@@ -89,6 +91,9 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     garbage head learns from a uniform sample of `head_samples` images' features.
     combine: "indist" (default: `combine_method` fitted on in-distribution scores only,
     `calibration.indist`), "fusion" (logistic regression vs garbage), or a merger name.
+    combine_families: the score families the "indist" statistic combines (None = all;
+    default: feature statistics, the model's output and garbage, chosen by measured
+    near-OOD power, docs/gate.md).
     guarantee: "marginal" or "pac" (with probability >= 1 - delta over the calibration
     draw, the false-rejection rate is <= alpha); see docs/gate.md.
     """
@@ -177,9 +182,14 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     directions = {k: higher_is_worse(k) for k in names}
     fusion = FusedConformal().fit(matrix[fit_idx], neg)
     fusion.calibrate(matrix[conf_idx], pred[conf_idx], spec.num_classes)
+    used = [j for j, k in enumerate(names) if combine_families is None
+            or score_family(k) in combine_families]
+    if not any(score_family(names[j]) == "features" for j in used):
+        used = list(range(len(names)))  # a store without depth features: combine every score
     combiner = InDistributionConformal(combine_method, guarantee=guarantee, delta=delta)
-    combiner.fit(matrix[fit_idx], [directions[k] for k in names])
-    combiner.calibrate(matrix[conf_idx], pred[conf_idx], spec.num_classes)
+    combiner.fit(matrix[fit_idx][:, used], [directions[names[j]] for j in used],
+                 [names[j] for j in used])
+    combiner.calibrate(matrix[conf_idx][:, used], pred[conf_idx], spec.num_classes)
     conf_scores = {k: v[conf_idx] for k, v in scores.items()}
     calibrator = ConformalCalibrator(directions).fit(conf_scores, pred[conf_idx], spec.num_classes)
 

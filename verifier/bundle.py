@@ -73,11 +73,15 @@ class Bundle:
     @property
     def calibration_sizes(self) -> list[int]:
         """Calibration points behind each class's `p_value` threshold: the class's own count,
-        or the pooled count for a class below the fusion's `min_class_size` (the input of
-        `calibration.decide.false_rejection_sd`)."""
+        or the pooled count for a class below the active combination's `min_class_size`;
+        `[n]` when every class pools (the input of `calibration.decide.false_rejection_sd`)."""
         counts = np.bincount(self.calibration_classes, minlength=len(self.classes))
         pooled = int(counts.sum())
-        return [int(c) if c >= self.fusion.min_class_size else pooled for c in counts]
+        active = self.combiner if self.combine == "indist" and self.combiner is not None else self.fusion
+        size = active.min_class_size if getattr(active, "guarantee", "marginal") == "marginal" else pooled + 1
+        if (counts < size).all():  # one pooled calibration set (the "indist" default)
+            return [pooled]
+        return [int(c) if c >= size else pooled for c in counts]
 
     def save(self, path: str | Path) -> Path:
         """Write the bundle directory (atomically); returns its path."""

@@ -131,7 +131,7 @@ class Gatekeeper:
                   predicted: np.ndarray, u: np.ndarray) -> np.ndarray:
         b = self.bundle
         if b.combine == "indist" and b.combiner is not None:
-            feats = np.column_stack([scores[n] for n in b.score_names])
+            feats = np.column_stack([scores[n] for n in b.combiner.names_])
             return b.combiner.p_values(feats, predicted, u=u)
         if b.combine == "fusion":
             feats = np.column_stack([scores[n] for n in b.score_names])
