@@ -87,7 +87,7 @@ class InDistributionConformal:
         return self
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """(m, k) -> (m,) float64 combined statistic (higher = worse; NaN rows -> inf)."""
+        """(m, k) -> (m,) float64 combined statistic (higher = worse; a row with NaN -> NaN)."""
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.ref_.shape[1]:
             raise ValueError(f"features must be (m, {self.ref_.shape[1]}), got {x.shape}")
@@ -102,7 +102,7 @@ class InDistributionConformal:
         else:
             d = np.maximum(z, 0.0) - np.maximum(self.z_mean_, 0.0)
             out = np.sqrt(np.maximum(np.einsum("nk,kl,nl->n", d, self.z_precision_, d), 0.0))
-        return np.where(bad, np.inf, out)
+        return np.where(bad, np.nan, out)  # NaN: p = 0, a broken measurement is rejected
 
     def calibrate(self, features_cal: np.ndarray, classes: np.ndarray,
                   num_classes: int) -> InDistributionConformal:
