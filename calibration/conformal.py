@@ -195,9 +195,9 @@ def hash_rows(rows: np.ndarray, seed: int = 0) -> np.ndarray:
     if pad:
         raw = np.concatenate([raw, np.zeros((m, pad), dtype=np.uint8)], axis=1)
     words = raw.view(np.uint64)
-    h = np.full(m, np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(words.shape[1]),
-                dtype=np.uint64)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the point
+        h = _mix(np.full(m, (int(seed) * 0x9E3779B97F4A7C15 + words.shape[1]) % 2**64,
+                         dtype=np.uint64))
         for j in range(words.shape[1]):
             h = _mix(h ^ words[:, j])
     return h

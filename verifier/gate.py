@@ -179,7 +179,7 @@ class Gatekeeper:
 
 
 def _family_p_values(p_values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Bonferroni p-value of each family of checks (garbage, attention, early_features)."""
+    """Bonferroni p-value of each family of checks (`verifier.compare.FAMILIES`)."""
     fams: dict[str, list[np.ndarray]] = {}
     for name, p in p_values.items():
         fams.setdefault(score_family(name), []).append(p)
