@@ -251,3 +251,22 @@ def test_in_distribution_combiner_round_trip_and_refusals(mnist):
         InDistributionConformal("vote")
     with pytest.raises(ValueError, match="delta"):
         InDistributionConformal(guarantee="pac", delta=1.5)
+
+
+def test_demo_table_names_the_mode_and_never_calls_a_rate_above_alpha_kept():
+    """The demo's table says which guarantee it used; in pac mode a measured rate is called
+    within the promise only when it is <= alpha (no +2 sd allowance for the draw)."""
+    from verifier.demo import DemoResult, format_table
+
+    def table(rate: float, guarantee: str) -> str:
+        r = DemoResult(alpha=0.05, guarantee=guarantee, delta=0.1 if guarantee == "pac" else None,
+                       calibration_per_class=[667])
+        r.rows["digits"] = {"n": 1000, "rejected": int(rate * 1000), "rejection_rate": rate}
+        r.false_rejection_rate = rate
+        return format_table(r)
+
+    assert "guarantee: pac" in table(0.04, "pac") and "within its promise" in table(0.04, "pac")
+    above = table(0.055, "pac")
+    assert "ABOVE alpha" in above and "within" not in above
+    assert "guarantee: marginal" in table(0.055, "marginal")
+    assert "within alpha + 2 sd" in table(0.055, "marginal")  # marginal: one draw may scatter

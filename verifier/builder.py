@@ -81,12 +81,14 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                  batch_size: int = 64, seed: int = 0, progress: bool = False,
                  probe: Probe | None = None, head_samples: int = 2000,
                  guarantee: str = "marginal", delta: float = 0.1,
-                 combine_method: str = "fisher", combine_families: Sequence[str] | None = COMBINED_FAMILIES) -> Bundle:
+                 combine_method: str = "fisher",
+                 combine_families: Sequence[str] | None = COMBINED_FAMILIES) -> Bundle:
     """Build and save a bundle; returns it (loaded state, `bundle.info` holds the figures).
 
     data / calibration: a folder, a CSV manifest or (images, labels) arrays. Without
     `calibration`, a stratified `calibration_fraction` of `data` is held out. A third of
-    the calibration images fit the score fusion; the rest calibrate it (disjoint).
+    the calibration images fit the score combinations (the in-distribution one and the
+    fusion vs garbage); the rest calibrate them (disjoint).
     Memory is constant in the number of reference images: the store streams, and the
     garbage head learns from a uniform sample of `head_samples` images' features.
     combine: "indist" (default: `combine_method` fitted on in-distribution scores only,
@@ -198,7 +200,8 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                          unreadable=unreadable, reference_accuracy=correct / n_ref,
                          calibration_accuracy=float((pred == lab).mean()))
     bundle = Bundle(spec=spec, store=store, head=head, calibrator=calibrator, fusion=fusion,
-                    combiner=combiner, guarantee=guarantee, delta=delta, alpha=alpha, calibration_scores=conf_scores, calibration_classes=pred[conf_idx],
+                    combiner=combiner, guarantee=guarantee, delta=delta, alpha=alpha,
+                    calibration_scores=conf_scores, calibration_classes=pred[conf_idx],
                     higher_is_worse=directions, model_fingerprint=probe.fingerprint, combine=combine,
                     info={"build": report.__dict__, "target_layer": probe.target_layer,
                           "early_layer": probe.early_layer, "gradient_method": probe.gradient_method})
