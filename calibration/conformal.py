@@ -9,7 +9,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["ConformalCalibrator", "conformal_p_values"]
+__all__ = ["ConformalCalibrator", "conformal_p_values", "pac_p_values", "digest_uniforms",
+           "GUARANTEES"]
+
+#: guarantee modes: "marginal" (P(p <= alpha) = alpha over calibration draw and input) and
+#: "pac" (with probability >= 1 - delta over the calibration draw, P(p <= alpha | draw) <= alpha)
+GUARANTEES = ("marginal", "pac")
 
 
 class ConformalCalibrator:
@@ -64,9 +69,13 @@ class ConformalCalibrator:
         """(K,) bool: which classes fall back to the pooled calibration scores."""
         return self.class_counts_ < self.min_class_size
 
-    def p_values(self, scores: Mapping[str, np.ndarray],
-                 classes: np.ndarray) -> dict[str, np.ndarray]:
-        """{name: (m,) float64 p-values in (0, 1]} (0 for NaN scores); classes (m,) int."""
+    def p_values(self, scores: Mapping[str, np.ndarray], classes: np.ndarray,
+                 u: np.ndarray | None = None, pac_delta: float | None = None) -> dict[str, np.ndarray]:
+        """{name: (m,) float64 p-values in [0, 1]} (0 for NaN scores); classes (m,) int.
+
+        u: (m,) uniforms in [0, 1) for randomised tie-breaking (`conformal_p_values`); None
+        counts ties against the input (conservative). pac_delta: calibration-conditional
+        p-values (`pac_p_values`) instead; u is then ignored."""
         classes = _check_classes(classes, self.num_classes_)
         out: dict[str, np.ndarray] = {}
         for name, worse_high in self.higher_is_worse.items():
@@ -77,11 +86,13 @@ class ConformalCalibrator:
                 raise ValueError(f"score {name!r} has shape {s.shape}, classes {classes.shape}")
             p = np.empty(len(s), dtype=np.float64)
             pooled_rows = self.uses_pooled_[classes]
-            p[pooled_rows] = conformal_p_values(self.pooled_[name], s[pooled_rows], worse_high)
+            uu = None if u is None else np.asarray(u, dtype=np.float64)
+            p[pooled_rows] = _p(self.pooled_[name], s[pooled_rows], worse_high,
+                                None if uu is None else uu[pooled_rows], pac_delta)
             for k in np.unique(classes[~pooled_rows]):
                 rows = classes == k
                 ref = self.sorted_[name][self.offsets_[name][k]:self.offsets_[name][k + 1]]
-                p[rows] = conformal_p_values(ref, s[rows], worse_high)
+                p[rows] = _p(ref, s[rows], worse_high, None if uu is None else uu[rows], pac_delta)
             out[name] = p
         return out
 
@@ -120,16 +131,99 @@ class ConformalCalibrator:
         return self
 
 
-def conformal_p_values(sorted_ref: np.ndarray, s: np.ndarray, higher_is_worse: bool) -> np.ndarray:
-    """(m,) p-values of scores `s` against one ascending array of n calibration scores:
-    (1 + #{ref at least as extreme}) / (n + 1); NaN scores -> 0."""
-    n = len(sorted_ref)
-    if higher_is_worse:
-        count = n - np.searchsorted(sorted_ref, s, side="left")   # ref >= s
+def conformal_p_values(sorted_ref: np.ndarray, s: np.ndarray, higher_is_worse: bool,
+                       u: np.ndarray | None = None) -> np.ndarray:
+    """(m,) p-values of scores `s` against one ascending array of n calibration scores.
+
+    Without `u`: (1 + #{ref at least as extreme}) / (n + 1), ties against the input, so
+    P(p <= alpha) <= alpha (reaching floor(alpha (n + 1)) / (n + 1), below alpha).
+    With `u` (m,) uniforms in [0, 1): (#{ref strictly more extreme} + u (1 + #{ties}))
+    / (n + 1), the smoothed p-value of Vovk et al. (2005), exactly uniform for
+    exchangeable data, so P(p <= alpha) = alpha. NaN scores -> 0.
+    """
+    strict, ties = _counts(sorted_ref, np.asarray(s, dtype=np.float64), higher_is_worse)
+    if u is None:
+        p = (1.0 + strict + ties) / (len(sorted_ref) + 1.0)
     else:
-        count = np.searchsorted(sorted_ref, s, side="right")      # ref <= s
-    p = (1.0 + count) / (n + 1.0)
+        p = (strict + np.asarray(u, dtype=np.float64) * (1.0 + ties)) / (len(sorted_ref) + 1.0)
     return np.where(np.isnan(s), 0.0, p)
+
+
+def pac_p_values(sorted_ref: np.ndarray, s: np.ndarray, higher_is_worse: bool,
+                 delta: float) -> np.ndarray:
+    """(m,) calibration-conditional p-values: with probability >= 1 - delta over the draw
+    of the n calibration scores, P(p <= alpha | draw) <= alpha, for each fixed alpha.
+
+    With C = #{ref at least as extreme}, p = Beta(C + 1, n - C).ppf(1 - delta) (p = 1 when
+    C = n). Rejecting at p <= alpha means C < j*, j* the largest j whose Beta(j, n + 1 - j)
+    upper (1 - delta) quantile is <= alpha; the conditional false-rejection rate of that
+    rule is the tail mass beyond the j*-th most extreme calibration score, which is
+    Beta(j*, n + 1 - j*) distributed for continuous scores (ties only make it smaller):
+    the order-statistic form of Vovk (2012) and Bates et al. (2023, "Testing for outliers
+    with conformal p-values", calibration-conditional p-values at a fixed level).
+    NaN scores -> 0.
+    """
+    from scipy.stats import beta
+
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must lie in (0, 1), got {delta}")
+    n = len(sorted_ref)
+    strict, ties = _counts(sorted_ref, np.asarray(s, dtype=np.float64), higher_is_worse)
+    c = (strict + ties).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = beta.ppf(1.0 - delta, c + 1.0, np.maximum(n - c, 1e-300))
+    p = np.where(c >= n, 1.0, p)
+    return np.where(np.isnan(s), 0.0, p)
+
+
+def digest_uniforms(rows: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(m, ...) array -> (m,) float64 uniforms in [0, 1), a hash of each row's bytes.
+
+    The tie-breaking randomisation of a decision: the same input (the same preprocessed
+    pixels) always draws the same u, on any machine, in any batch; no global RNG.
+    """
+    return (hash_rows(rows, seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def hash_rows(rows: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(m, ...) -> (m,) uint64 splitmix64-style hash of each row's raw bytes (vectorised
+    over rows, one step per 8-byte word)."""
+    a = np.ascontiguousarray(rows)
+    m = a.shape[0] if a.ndim else 1
+    raw = a.reshape(m, -1).view(np.uint8).reshape(m, -1)
+    pad = (-raw.shape[1]) % 8
+    if pad:
+        raw = np.concatenate([raw, np.zeros((m, pad), dtype=np.uint8)], axis=1)
+    words = raw.view(np.uint64)
+    with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the point
+        h = _mix(np.full(m, (int(seed) * 0x9E3779B97F4A7C15 + words.shape[1]) % 2**64,
+                         dtype=np.uint64))
+        for j in range(words.shape[1]):
+            h = _mix(h ^ words[:, j])
+    return h
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _counts(sorted_ref: np.ndarray, s: np.ndarray, higher_is_worse: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(#{ref strictly more extreme than s}, #{ref equal to s}), each (m,) int64."""
+    lo = np.searchsorted(sorted_ref, s, side="left")
+    hi = np.searchsorted(sorted_ref, s, side="right")
+    strict = len(sorted_ref) - hi if higher_is_worse else lo
+    return strict.astype(np.int64), (hi - lo).astype(np.int64)
+
+
+def _p(ref: np.ndarray, s: np.ndarray, worse_high: bool, u: np.ndarray | None,
+       pac_delta: float | None) -> np.ndarray:
+    if pac_delta is not None:
+        return pac_p_values(ref, s, worse_high, pac_delta)
+    return conformal_p_values(ref, s, worse_high, u)
 
 
 def _check_classes(classes: np.ndarray, num_classes: int) -> np.ndarray:

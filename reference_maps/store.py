@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import ArtifactError, read_artifact, write_artifact
+from .features import FeatureReference
 from .stats import GroupedMoments, oas_shrink
 
 __all__ = ["ReferenceStore", "STORE_KIND", "STORE_FORMAT_VERSION"]
@@ -60,12 +61,17 @@ class ReferenceStore:
         if self.early_channels is not None:
             self._stats = GroupedMoments(k, self.early_channels, full=True)
         self._cache: dict[str, np.ndarray] = {}
+        #: optional feature references at several depths (`reference_maps.features`)
+        self.features: FeatureReference | None = None
 
     # ------------------------------------------------------------------ building
     def update(self, labels: np.ndarray, cam: np.ndarray, early_map: np.ndarray,
-               early_stats: np.ndarray) -> ReferenceStore:
+               early_stats: np.ndarray,
+               depth_features: Sequence[np.ndarray] | None = None) -> ReferenceStore:
         """Fold in a batch: labels (N,) int in [0, K), cam and early_map (N, G_h, G_w)
-        canonical maps, early_stats (N, C). All values must be finite."""
+        canonical maps, early_stats (N, C). All values must be finite. `depth_features`:
+        [(N, C_d) channel means of every conv block ..., (N, D) penultimate features],
+        given for every batch or for none."""
         labels = np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
@@ -89,6 +95,13 @@ class ReferenceStore:
         self._cam.update(labels, cam.reshape(n, -1))
         self._early.update(labels, early_map.reshape(n, -1))
         self._stats.update(labels, early_stats)
+        if depth_features is not None:
+            if self.features is None:
+                if self._cam.count_.sum() > n:
+                    raise ValueError("depth_features must be given for every batch or none")
+                self.features = FeatureReference(len(self.classes),
+                                                 [np.shape(f)[1] for f in depth_features])
+            self.features.update(labels, depth_features)
         self._cache.clear()
         return self
 
@@ -111,6 +124,10 @@ class ReferenceStore:
         self._cam.merge(other._cam)
         self._early.merge(other._early)
         self._stats.merge(other._stats)
+        if (self.features is None) != (other.features is None):
+            raise ValueError("cannot merge a store with depth features into one without")
+        if self.features is not None:
+            self.features.merge(other.features)
         self._cache.clear()
         return self
 
@@ -221,10 +238,13 @@ class ReferenceStore:
         counts (K,), cam_mean/cam_m2/early_mean/early_m2 (K, G_h*G_w), stats_mean (K, C),
         stats_m2 (K, C, C)."""
         s = self._need_stats()
-        return {"counts": self._cam.count_.copy(),
-                "cam_mean": self._cam.mean_.copy(), "cam_m2": self._cam.m2_.copy(),
-                "early_mean": self._early.mean_.copy(), "early_m2": self._early.m2_.copy(),
-                "stats_mean": s.mean_.copy(), "stats_m2": s.m2_.copy()}
+        out = {"counts": self._cam.count_.copy(),
+               "cam_mean": self._cam.mean_.copy(), "cam_m2": self._cam.m2_.copy(),
+               "early_mean": self._early.mean_.copy(), "early_m2": self._early.m2_.copy(),
+               "stats_mean": s.mean_.copy(), "stats_m2": s.m2_.copy()}
+        if self.features is not None:  # optional: `feat_*` arrays (FeatureReference.to_arrays)
+            out.update(self.features.to_arrays())
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], classes: Sequence[str],
@@ -252,6 +272,9 @@ class ReferenceStore:
             moments.count_ = counts.copy()
             moments.mean_ = np.asarray(arrays[f"{prefix}_mean"], dtype=np.float64).copy()
             moments.m2_ = np.asarray(arrays[f"{prefix}_m2"], dtype=np.float64).copy()
+        store.features = FeatureReference.from_arrays(arrays, k)
+        if store.features is not None and not np.array_equal(store.features.moments[0].count_, counts):
+            raise ValueError("feature reference counts differ from the store's")
         return store
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -13,19 +13,22 @@ from typing import Any
 
 import numpy as np
 
-from calibration.conformal import ConformalCalibrator
+from calibration.conformal import GUARANTEES, ConformalCalibrator
 from calibration.fusion import FusedConformal
+from calibration.indist import InDistributionConformal
 from reference_maps.canonical import DEFAULT_GRID, to_grid
 from reference_maps.store import ReferenceStore
 
 from .bundle import Bundle
-from .compare import Comparator, higher_is_worse
+from .compare import Comparator, higher_is_worse, score_family
 from .garbage import GarbageHead, garbage_score, synthetic_garbage
 from .probe import Probe, ProbeResult, open_probe
 from .spec import ModelSpec
 
 __all__ = ["build_bundle", "LabelledData", "BuildReport", "to_raw_pixels", "from_raw_pixels"]
 
+#: families the default in-distribution combination uses (docs/gate.md: measured choice)
+COMBINED_FAMILIES = ("features", "output", "garbage")
 _PIXEL_SAMPLES = 512  # reference images kept (uint8) to make synthetic garbage from
 
 
@@ -74,19 +77,33 @@ class BuildReport:
 
 def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: Any = None,
                  calibration_fraction: float = 0.3, garbage: str | Path | None = None,
-                 alpha: float = 0.05, grid: tuple[int, int] = DEFAULT_GRID, combine: str = "fusion",
+                 alpha: float = 0.05, grid: tuple[int, int] = DEFAULT_GRID, combine: str = "indist",
                  batch_size: int = 64, seed: int = 0, progress: bool = False,
-                 probe: Probe | None = None, head_samples: int = 2000) -> Bundle:
+                 probe: Probe | None = None, head_samples: int = 2000,
+                 guarantee: str = "marginal", delta: float = 0.1,
+                 combine_method: str = "fisher",
+                 combine_families: Sequence[str] | None = COMBINED_FAMILIES) -> Bundle:
     """Build and save a bundle; returns it (loaded state, `bundle.info` holds the figures).
 
     data / calibration: a folder, a CSV manifest or (images, labels) arrays. Without
     `calibration`, a stratified `calibration_fraction` of `data` is held out. A third of
-    the calibration images fit the score fusion; the rest calibrate it (disjoint).
+    the calibration images fit the score combinations (the in-distribution one and the
+    fusion vs garbage); the rest calibrate them (disjoint).
     Memory is constant in the number of reference images: the store streams, and the
     garbage head learns from a uniform sample of `head_samples` images' features.
+    combine: "indist" (default: `combine_method` fitted on in-distribution scores only,
+    `calibration.indist`), "fusion" (logistic regression vs garbage), or a merger name.
+    combine_families: the score families the "indist" statistic combines (None = all;
+    default: feature statistics, the model's output and garbage, chosen by measured
+    near-OOD power, docs/gate.md).
+    guarantee: "marginal" or "pac" (with probability >= 1 - delta over the calibration
+    draw, the false-rejection rate is <= alpha); see docs/gate.md.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if guarantee not in GUARANTEES or not 0.0 < delta < 1.0:
+        raise ValueError(f"guarantee must be one of {GUARANTEES} and delta in (0, 1), got "
+                         f"{guarantee!r}, {delta}")
     if garbage is not None and not Path(garbage).is_dir():
         raise ValueError(f"--garbage {garbage} is not a folder")
     rng = np.random.default_rng(seed)
@@ -115,7 +132,8 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     correct = n_ref = unreadable = 0
     for res, lab, x in say.batches(_probe_batches(probe, spec, ref, batch_size, use_labels=True), len(ref), "reference"):
         cam, early = to_grid(res.cam, grid), to_grid(res.early_map, grid)
-        store.update(lab, cam, early, res.early_stats)
+        store.update(lab, cam, early, res.early_stats,
+                     depth_features=[*res.block_stats, res.features] if res.block_stats else None)
         keep = feats.offer(res.features)
         labels.offer(lab, keep)
         pixels.offer(np.round(to_raw_pixels(x, spec) * 255).astype(np.uint8))
@@ -166,6 +184,14 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     directions = {k: higher_is_worse(k) for k in names}
     fusion = FusedConformal().fit(matrix[fit_idx], neg)
     fusion.calibrate(matrix[conf_idx], pred[conf_idx], spec.num_classes)
+    used = [j for j, k in enumerate(names) if combine_families is None
+            or score_family(k) in combine_families]
+    if not any(score_family(names[j]) == "features" for j in used):
+        used = list(range(len(names)))  # a store without depth features: combine every score
+    combiner = InDistributionConformal(combine_method, guarantee=guarantee, delta=delta)
+    combiner.fit(matrix[fit_idx][:, used], [directions[names[j]] for j in used],
+                 [names[j] for j in used])
+    combiner.calibrate(matrix[conf_idx][:, used], pred[conf_idx], spec.num_classes)
     conf_scores = {k: v[conf_idx] for k, v in scores.items()}
     calibrator = ConformalCalibrator(directions).fit(conf_scores, pred[conf_idx], spec.num_classes)
 
@@ -174,7 +200,8 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                          unreadable=unreadable, reference_accuracy=correct / n_ref,
                          calibration_accuracy=float((pred == lab).mean()))
     bundle = Bundle(spec=spec, store=store, head=head, calibrator=calibrator, fusion=fusion,
-                    alpha=alpha, calibration_scores=conf_scores, calibration_classes=pred[conf_idx],
+                    combiner=combiner, guarantee=guarantee, delta=delta, alpha=alpha,
+                    calibration_scores=conf_scores, calibration_classes=pred[conf_idx],
                     higher_is_worse=directions, model_fingerprint=probe.fingerprint, combine=combine,
                     info={"build": report.__dict__, "target_layer": probe.target_layer,
                           "early_layer": probe.early_layer, "gradient_method": probe.gradient_method})

@@ -16,6 +16,7 @@ import numpy as np
 
 from calibration.conformal import ConformalCalibrator
 from calibration.fusion import FusedConformal
+from calibration.indist import InDistributionConformal
 from reference_maps.artifact import ArtifactError, read_artifact, write_artifact
 from reference_maps.store import ReferenceStore
 
@@ -51,6 +52,11 @@ class Bundle:
     higher_is_worse: dict[str, bool]
     model_fingerprint: str
     combine: str = "fusion"
+    #: in-distribution-only combination behind `p_value` when combine == "indist"
+    combiner: InDistributionConformal | None = None
+    #: "marginal" or "pac" (with probability >= 1 - delta over the calibration draw, FRR <= alpha)
+    guarantee: str = "marginal"
+    delta: float | None = None
     compatible_fingerprints: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -67,11 +73,15 @@ class Bundle:
     @property
     def calibration_sizes(self) -> list[int]:
         """Calibration points behind each class's `p_value` threshold: the class's own count,
-        or the pooled count for a class below the fusion's `min_class_size` (the input of
-        `calibration.decide.false_rejection_sd`)."""
+        or the pooled count for a class below the active combination's `min_class_size`;
+        `[n]` when every class pools (the input of `calibration.decide.false_rejection_sd`)."""
         counts = np.bincount(self.calibration_classes, minlength=len(self.classes))
         pooled = int(counts.sum())
-        return [int(c) if c >= self.fusion.min_class_size else pooled for c in counts]
+        active = self.combiner if self.combine == "indist" and self.combiner is not None else self.fusion
+        size = active.min_class_size if getattr(active, "guarantee", "marginal") == "marginal" else pooled + 1
+        if (counts < size).all():  # one pooled calibration set (the "indist" default)
+            return [pooled]
+        return [int(c) if c >= size else pooled for c in counts]
 
     def save(self, path: str | Path) -> Path:
         """Write the bundle directory (atomically); returns its path."""
@@ -95,11 +105,15 @@ class Bundle:
         }
         if self.head is not None:
             arrays["garbage_head"] = self.head.to_arrays()
+        if self.combiner is not None:
+            arrays["combiner"] = self.combiner.to_arrays()
         manifest = {
             "model_fingerprint": self.model_fingerprint,
             "compatible_fingerprints": self.compatible_fingerprints,
             "alpha": float(self.alpha),
             "combine": self.combine,
+            "guarantee": self.guarantee,
+            "delta": self.delta if self.guarantee == "pac" else None,
             "calibration_size": int(len(self.calibration_classes)),
             "classes": list(self.classes),
             "grid": list(self.store.grid),
@@ -169,6 +183,10 @@ class Bundle:
             higher_is_worse={k: bool(v) for k, v in m["higher_is_worse"].items()},
             model_fingerprint=expected,
             combine=m.get("combine", "fusion"),
+            combiner=(InDistributionConformal.from_arrays(art.arrays["combiner"])
+                      if "combiner" in art.arrays else None),
+            guarantee=m.get("guarantee", "marginal"),
+            delta=m.get("delta"),
             compatible_fingerprints=dict(compatible),
             info=m.get("info", {}),
             path=path,

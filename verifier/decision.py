@@ -13,7 +13,7 @@ from typing import Any, Literal
 __all__ = ["Decision", "REASONS"]
 
 #: reasons a decision can carry: which family of checks failed
-REASONS = ("garbage", "attention", "early_features", "error")
+REASONS = ("garbage", "attention", "early_features", "features", "output", "error")
 
 
 @dataclass

@@ -15,9 +15,10 @@ import numpy as np
 from scipy.special import softmax
 
 from calibration.combine import merge_bonferroni
+from calibration.conformal import digest_uniforms
 
 from .bundle import Bundle
-from .compare import Comparator, score_family
+from .compare import FAMILIES, Comparator, score_family
 from .decision import Decision
 from .garbage import garbage_score
 from .probe import Probe, ProbeResult, open_probe
@@ -99,7 +100,11 @@ class Gatekeeper:
         return decisions
 
     def score_batch(self, x: np.ndarray) -> BatchScores:
-        """Scores, p-values and accept/reject for preprocessed (n, C, H, W) float32."""
+        """Scores, p-values and accept/reject for preprocessed (n, C, H, W) float32.
+
+        Ties between an input's statistic and calibration values are broken by a uniform
+        drawn from a hash of the input's own preprocessed pixels (`digest_uniforms`), so
+        the false-rejection rate sits at alpha and a decision is reproducible."""
         t0 = time.perf_counter()
         result = self.probe.run(x)
         t1 = time.perf_counter()
@@ -111,8 +116,9 @@ class Gatekeeper:
                                           self.bundle.spec.garbage_class)
         t2 = time.perf_counter()
         b = self.bundle
-        p_values = b.calibrator.p_values(scores, predicted)
-        p_value = self._combined(scores, p_values, predicted)
+        u = digest_uniforms(x)
+        p_values = b.calibrator.p_values(scores, predicted, u=u)
+        p_value = self._combined(scores, p_values, predicted, u)
         accept = p_value > self.alpha
         family_p = _family_p_values(p_values)
         self.timings["probe"] += t1 - t0
@@ -122,8 +128,11 @@ class Gatekeeper:
 
     # ----------------------------------------------------------------- helpers
     def _combined(self, scores: dict[str, np.ndarray], p_values: dict[str, np.ndarray],
-                  predicted: np.ndarray) -> np.ndarray:
+                  predicted: np.ndarray, u: np.ndarray) -> np.ndarray:
         b = self.bundle
+        if b.combine == "indist" and b.combiner is not None:
+            feats = np.column_stack([scores[n] for n in b.combiner.names_])
+            return b.combiner.p_values(feats, predicted, u=u)
         if b.combine == "fusion":
             feats = np.column_stack([scores[n] for n in b.score_names])
             return b.fusion.p_values(feats, predicted)
@@ -170,7 +179,7 @@ class Gatekeeper:
 
 
 def _family_p_values(p_values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Bonferroni p-value of each family of checks (garbage, attention, early_features)."""
+    """Bonferroni p-value of each family of checks (`verifier.compare.FAMILIES`)."""
     fams: dict[str, list[np.ndarray]] = {}
     for name, p in p_values.items():
         fams.setdefault(score_family(name), []).append(p)
@@ -179,7 +188,7 @@ def _family_p_values(p_values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _reasons(family_p: dict[str, np.ndarray], j: int, alpha: float) -> list[str]:
     """Families whose own p-value is at or below alpha; the weakest one if none is."""
-    failed = [f for f in ("garbage", "attention", "early_features") if f in family_p and family_p[f][j] <= alpha]
+    failed = [f for f in FAMILIES if f in family_p and family_p[f][j] <= alpha]
     if failed:
         return failed
     return [min(family_p, key=lambda f: family_p[f][j])]

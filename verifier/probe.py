@@ -5,7 +5,7 @@ implement `Probe`; `open_probe(spec)` picks the one the spec needs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -29,6 +29,9 @@ class ProbeResult:
     cam_class:   (N,) int64 class index each map explains (argmax of logits unless requested)
     early_map:   (N, h2, w2) early-layer activation aggregated over channels: mean of |A|
     early_stats: (N, C) per-channel spatial mean of the early-layer activation
+    block_stats: per conv block in execution order, (N, C_b) per-channel spatial mean of the
+                 block's output (the conv advanced through its BatchNorm/activation), from
+                 the same pass; empty for a probe that does not expose them
     """
 
     logits: np.ndarray
@@ -37,6 +40,7 @@ class ProbeResult:
     cam_class: np.ndarray
     early_map: np.ndarray
     early_stats: np.ndarray
+    block_stats: tuple[np.ndarray, ...] = field(default=())
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
@@ -44,9 +48,11 @@ class ProbeResult:
     @staticmethod
     def concat(parts: list[ProbeResult]) -> ProbeResult:
         """Join per-batch results along the batch axis."""
+        blocks = tuple(np.concatenate([p.block_stats[b] for p in parts], axis=0)
+                       for b in range(min(len(p.block_stats) for p in parts)))
         return ProbeResult(*(np.concatenate([getattr(p, f) for p in parts], axis=0)
                              for f in ("logits", "features", "cam", "cam_class",
-                                       "early_map", "early_stats")))
+                                       "early_map", "early_stats")), block_stats=blocks)
 
 
 class Probe(Protocol):

@@ -87,10 +87,13 @@ class OnnxProbe:
             self.gradient_method = "exact-gap-linear"
         self.rel_eps = float(rel_eps if rel_eps is not None
                              else DEFAULT_REL_EPS[self.tail_precision])
+        #: output of every conv block (a Conv advanced through its BN/activation), in order
+        self.block_layers = og.conv_blocks(info)
         wanted = [self.logits_name, self.features_name or self.target_layer,
-                  self.target_layer, self.early_layer, *self._side]
+                  self.target_layer, self.early_layer, *self._side, *self.block_layers]
         self._fetch = list(dict.fromkeys(wanted))  # a tensor can play two roles
         self._slots = [self._fetch.index(w) for w in wanted]
+        self._n_side = len(self._side)
         self._session = _session(og.with_outputs(model, self._fetch, info), self.providers,
                                  "model")
         self.target_shape = info.shape(self.target_layer)
@@ -121,7 +124,9 @@ class OnnxProbe:
         got = self._session.run(self._fetch, {self.input_name: x})
         outs = [got[i] for i in self._slots]
         logits, feats, act, early = (np.asarray(o, dtype=np.float32) for o in outs[:4])
-        side = outs[4:]
+        side = outs[4:4 + self._n_side]
+        blocks = tuple(np.asarray(o, dtype=np.float32).mean(axis=(2, 3), dtype=np.float64)
+                       .astype(np.float32) for o in outs[4 + self._n_side:])
         n = x.shape[0]
         if logits.ndim != 2 or logits.shape[1] < self.spec.num_classes:
             raise ProbeError(f"model output has shape {list(logits.shape)}; expected "
@@ -132,7 +137,7 @@ class OnnxProbe:
         else:
             alpha = self._fd_alpha(act, cls, side)
         cam = np.maximum(np.einsum("nk,nkhw->nhw", alpha, act.astype(np.float64)), 0.0)
-        early_stats = early.mean(axis=(2, 3)).astype(np.float32)
+        early_stats = early.mean(axis=(2, 3)).astype(np.float32)  # before |A| in place below
         # |A| in place: a fresh copy of a large early activation costs more than the mean
         # (the array is onnxruntime's own output, unless it is the target activation too)
         early_abs = np.abs(early, out=early if early is not act else None)
@@ -144,6 +149,7 @@ class OnnxProbe:
             cam_class=cls,
             early_stats=early_stats,
             early_map=early_abs.mean(axis=1).astype(np.float32),
+            block_stats=blocks,
         )
 
     def logits(self, x: np.ndarray) -> np.ndarray:

@@ -143,6 +143,22 @@ def auto_early(info: GraphInfo) -> str:
         name = cons[0].output[0]
 
 
+def conv_blocks(info: GraphInfo) -> list[str]:
+    """Every Conv's output on the path to the logits, each advanced through directly
+    following BatchNorm/activation nodes (as `auto_early`), in topological order."""
+    out = []
+    for conv in (n for n in info.nodes if n.op_type == "Conv" and n.output[0] in info.ancestors):
+        name = conv.output[0]
+        while True:
+            cons = info.relevant_consumers(name)
+            if len(cons) != 1 or cons[0].op_type not in EARLY_FOLLOWERS or cons[0].input[0] != name:
+                break
+            name = cons[0].output[0]
+        if info.is_spatial(name) or len(info.shape(name) or ()) == 4:
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
 def resolve_layer(info: GraphInfo, name: str, role: str) -> str:
     """A tensor name for `name`: a tensor, a node (its first output), or a torch module path.
 

@@ -44,6 +44,8 @@ class TorchProbe:
         self.fingerprint = model_fingerprint(spec)
         layers = resolve_layers(self.model, spec, self.device)
         self.target_layer, self.early_layer, self.feature_layer = layers
+        #: output of every conv block (a Conv2d advanced through its BN/activation), in order
+        self.block_layers = conv_blocks(self.model, spec, self.device)
         self._modules = dict(self.model.named_modules())
 
     def describe(self) -> str:
@@ -66,6 +68,8 @@ class TorchProbe:
             ]
             if self.feature_layer:
                 handles.append(self._modules[self.feature_layer].register_forward_pre_hook(cap.feature_hook))
+            handles += [self._modules[name].register_forward_hook(cap.block_hook(i))
+                        for i, name in enumerate(self.block_layers)]
             try:
                 with torch.enable_grad():
                     logits = self.model(xt)
@@ -91,6 +95,8 @@ class TorchProbe:
                 cam_class=cls.cpu().numpy().astype(np.int64),
                 early_map=cap.early_map.float().cpu().numpy(),
                 early_stats=cap.early_stats.float().cpu().numpy(),
+                block_stats=tuple(cap.blocks[i].float().cpu().numpy()
+                                  for i in range(len(self.block_layers))),
             )
 
     def logits(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -123,6 +129,12 @@ class _Capture:
         self.early_map: torch.Tensor | None = None
         self.early_stats: torch.Tensor | None = None
         self.features: torch.Tensor | None = None
+        self.blocks: dict[int, torch.Tensor] = {}
+
+    def block_hook(self, i: int):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.blocks[i] = output.detach().mean(dim=(2, 3))  # now: later ops may be in place
+        return hook
 
     def target_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         # Re-root the graph here: with frozen parameters nothing before this leaf is recorded.
@@ -232,6 +244,40 @@ def resolve_layers(model: nn.Module, spec: ModelSpec,
     early = _pick(spec.early_layer, spatial, "layers.early", _auto_early)
     linears = [c.name for c in once if isinstance(c.module, nn.Linear)]
     return target, early, (linears[-1] if linears else None)
+
+
+def conv_blocks(model: nn.Module, spec: ModelSpec, device: torch.device) -> list[str]:
+    """Module names of every conv block's output in execution order: each Conv2d called once
+    per pass, advanced through directly following BatchNorm/activation modules (as the
+    early layer is); the depths whose channel means feed `feat_conv<i>_mahalanobis`."""
+    calls: list[_Call] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    counts: dict[str, int] = {}
+
+    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+        name = names[id(module)]
+        counts[name] = counts.get(name, 0) + 1
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
+        in_id = id(inputs[0]) if inputs and isinstance(inputs[0], torch.Tensor) else -1
+        calls.append(_Call(name, module, in_id, id(output), shape, (inputs, output)))
+
+    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n]
+    try:
+        with probe_state_restored(model), torch.no_grad():
+            model(torch.zeros((1, spec.channels, *spec.size), device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    spatial = [c for c in calls if counts[c.name] == 1 and len(c.shape) == 4]
+    out = []
+    for i, c in enumerate(spatial):
+        if not isinstance(c.module, nn.Conv2d):
+            continue
+        while i + 1 < len(spatial) and isinstance(spatial[i + 1].module, _ELEMENTWISE) \
+                and spatial[i + 1].in_id == spatial[i].out_id:
+            i += 1
+        out.append(spatial[i].name)
+    return list(dict.fromkeys(out))
 
 
 def _auto_target(spatial: list[_Call]) -> str:

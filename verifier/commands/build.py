@@ -23,6 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--garbage", help="folder of images the model must reject (added to synthetic garbage)")
     p.add_argument("--alpha", type=float, default=0.05,
                    help="target false-rejection rate on in-distribution images (default 0.05)")
+    p.add_argument("--guarantee", choices=("marginal", "pac"), default="marginal",
+                   help="marginal (default): P(reject an in-distribution input) <= alpha over the "
+                        "calibration draw and the input; pac: with probability >= 1 - delta over the "
+                        "calibration draw, the false-rejection rate itself is <= alpha (docs/gate.md)")
+    p.add_argument("--delta", type=float, default=0.1,
+                   help="pac only: allowed probability of an unlucky calibration draw (default 0.1)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="bundle directory to write")
@@ -37,15 +43,17 @@ def run(args: argparse.Namespace) -> int:
     bundle = build_bundle(spec, args.data, args.out, calibration=args.calibration,
                           calibration_fraction=args.calibration_fraction, garbage=args.garbage,
                           alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
-                          progress=True)
+                          progress=True, guarantee=args.guarantee, delta=args.delta)
     figures = bundle.info["build"]
     if args.json:
-        print(json.dumps({"bundle": str(args.out), "bundle_id": bundle.bundle_id, **figures}))
+        print(json.dumps({"bundle": str(args.out), "bundle_id": bundle.bundle_id,
+                          "guarantee": bundle.guarantee, "delta": bundle.delta, **figures}))
     else:
         print(f"bundle {args.out} (id {bundle.bundle_id}): {figures['reference_images']} reference, "
               f"{figures['calibration_images']} calibration, {figures['garbage_images']} garbage images; "
               f"layers {bundle.info['target_layer']} / {bundle.info['early_layer']}; "
-              f"accuracy {figures['calibration_accuracy']:.3f} on calibration; alpha {bundle.alpha}",
+              f"accuracy {figures['calibration_accuracy']:.3f} on calibration; alpha {bundle.alpha} "
+              f"({bundle.guarantee}{f', delta {bundle.delta}' if bundle.guarantee == 'pac' else ''})",
               file=sys.stderr)
         if figures["unreadable"]:
             print(f"warning: {figures['unreadable']} unreadable image(s) skipped", file=sys.stderr)

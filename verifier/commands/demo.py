@@ -17,12 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.05, help="target false-rejection rate (default 0.05)")
     p.add_argument("--ood", type=int, default=200, help="images per out-of-distribution source (default 200)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guarantee", choices=("marginal", "pac"), default="marginal",
+                   help="the bundle's guarantee mode, as verifier build --guarantee (default marginal)")
+    p.add_argument("--delta", type=float, default=0.1, help="pac only: delta (default 0.1)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import format_table, run_demo
 
-    result = run_demo(args.out, alpha=args.alpha, n_ood=args.ood, seed=args.seed, progress=not args.json)
+    result = run_demo(args.out, alpha=args.alpha, n_ood=args.ood, seed=args.seed, progress=not args.json,
+                      guarantee=args.guarantee, delta=args.delta)
     print(json.dumps(result.to_dict()) if args.json else format_table(result))
     return 0

@@ -1,0 +1,148 @@
+"""Feature references at several depths: class-conditional Gaussians with a tied covariance, and a KNN bank.
+
+Streaming and exactly mergeable: per-class moments (Chan et al.) per depth, and a
+bottom-B sample of L2-normalised penultimate features keyed by a hash of each row.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .stats import GroupedMoments, oas_shrink
+
+__all__ = ["FeatureReference", "DEFAULT_BANK_SIZE", "KNN_K"]
+
+DEFAULT_BANK_SIZE = 4096
+KNN_K = 50
+
+
+class FeatureReference:
+    """Per depth d (channel means of every conv block, then the penultimate features):
+    per-class moments `moments[d]` (K, C_d) -> tied (pooled within-class) OAS-shrunk
+    covariance, as Lee et al. (2018); plus a KNN bank (B, D) float32 of L2-normalised
+    penultimate features (Sun et al. 2022), the B rows with the smallest seeded hash keys.
+
+    A bottom-B sample by key is a uniform sample of the distinct rows, independent of the
+    order rows arrive in, and the bottom-B of a union is the bottom-B of the parts' samples:
+    merging is exact.
+    """
+
+    def __init__(self, num_classes: int, dims: Sequence[int], bank_size: int = DEFAULT_BANK_SIZE,
+                 seed: int = 0) -> None:
+        if len(dims) < 1:
+            raise ValueError("need at least the penultimate features")
+        self.num_classes = int(num_classes)
+        self.dims = [int(d) for d in dims]
+        self.bank_size, self.seed = int(bank_size), int(seed)
+        self.moments = [GroupedMoments(self.num_classes, d, full=True) for d in self.dims]
+        self.bank_keys = np.zeros(0, dtype=np.uint64)
+        self.bank = np.zeros((0, self.dims[-1]), dtype=np.float32)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def update(self, labels: np.ndarray, depths: Sequence[np.ndarray]) -> FeatureReference:
+        """Fold in a batch: labels (N,), depths [(N, C_d) per depth; the last = penultimate]."""
+        if len(depths) != len(self.dims):
+            raise ValueError(f"expected {len(self.dims)} feature arrays, got {len(depths)}")
+        for m, x in zip(self.moments, depths):
+            x = np.asarray(x, dtype=np.float64)
+            if x.shape != (len(labels), m.dim) or not np.isfinite(x).all():
+                raise ValueError(f"features must be finite (N={len(labels)}, {m.dim}), got {x.shape}")
+            m.update(labels, x)
+        feats = _normalise(depths[-1])
+        from calibration.conformal import hash_rows  # framework-free sibling
+
+        self._offer(hash_rows(feats, self.seed), feats)
+        self._cache.clear()
+        return self
+
+    def merge(self, other: FeatureReference) -> FeatureReference:
+        """Fold in another reference built the same way; exact."""
+        if (other.dims, other.num_classes, other.bank_size, other.seed) != \
+                (self.dims, self.num_classes, self.bank_size, self.seed):
+            raise ValueError("cannot merge feature references of different shapes or seeds")
+        for a, b in zip(self.moments, other.moments):
+            a.merge(b)
+        self._offer(other.bank_keys, other.bank)
+        self._cache.clear()
+        return self
+
+    # ------------------------------------------------------------------ scores
+    def mahalanobis(self, depth: int, x: np.ndarray) -> np.ndarray:
+        """(N,) float64 min over classes of the squared Mahalanobis distance of (N, C_d) rows,
+        tied covariance (Lee et al. 2018's confidence score, negated: higher = worse)."""
+        mean_w, whiten = self._whitened(depth)
+        z = np.asarray(x, dtype=np.float64) @ whiten
+        d2 = (z * z).sum(1)[:, None] - 2 * z @ mean_w.T + (mean_w * mean_w).sum(1)[None]
+        d2[:, self.moments[depth].count_ == 0] = np.inf  # an empty class is never the nearest
+        return np.maximum(d2.min(axis=1), 0.0)
+
+    def knn_distance(self, features: np.ndarray, k: int = KNN_K) -> np.ndarray:
+        """(N,) float64 distance of each L2-normalised row to its k-th nearest bank row
+        (Sun et al. 2022; higher = worse). One matrix product: |a - b|^2 = 2 - 2 a.b."""
+        if len(self.bank) == 0:
+            raise ValueError("the KNN bank is empty")
+        k = min(int(k), len(self.bank))
+        sim = _normalise(features).astype(np.float32) @ self.bank.T
+        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
+        return np.sqrt(np.maximum(2.0 - 2.0 * kth.astype(np.float64), 0.0))
+
+    # ------------------------------------------------------------------ persistence
+    def to_arrays(self, prefix: str = "feat_") -> dict[str, np.ndarray]:
+        """Plain arrays: dims, bank (B, D) float32, bank_keys (B,) uint64, and per depth d
+        `d{d}_mean` (K, C_d), `d{d}_m2` (K, C_d, C_d); counts are the store's."""
+        out = {f"{prefix}dims": np.array(self.dims, dtype=np.int64),
+               f"{prefix}bank_size": np.array(self.bank_size, dtype=np.int64),
+               f"{prefix}seed": np.array(self.seed, dtype=np.int64),
+               f"{prefix}bank": self.bank.copy(), f"{prefix}bank_keys": self.bank_keys.copy(),
+               f"{prefix}counts": self.moments[0].count_.copy()}
+        for d, m in enumerate(self.moments):
+            out[f"{prefix}d{d}_mean"] = m.mean_.copy()
+            out[f"{prefix}d{d}_m2"] = m.m2_.copy()
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], num_classes: int,
+                    prefix: str = "feat_") -> FeatureReference | None:
+        """Rebuild from `to_arrays()` output; None when the arrays hold no feature reference."""
+        if f"{prefix}dims" not in arrays:
+            return None
+        dims = [int(d) for d in np.asarray(arrays[f"{prefix}dims"]).reshape(-1)]
+        self = cls(num_classes, dims, int(arrays[f"{prefix}bank_size"]), int(arrays[f"{prefix}seed"]))
+        counts = np.asarray(arrays[f"{prefix}counts"], dtype=np.int64)
+        for d, m in enumerate(self.moments):
+            mean = np.asarray(arrays[f"{prefix}d{d}_mean"], dtype=np.float64)
+            m2 = np.asarray(arrays[f"{prefix}d{d}_m2"], dtype=np.float64)
+            if mean.shape != (num_classes, m.dim) or m2.shape != (num_classes, m.dim, m.dim):
+                raise ValueError(f"feature depth {d} arrays have shapes {mean.shape}, {m2.shape}")
+            m.count_, m.mean_, m.m2_ = counts.copy(), mean.copy(), m2.copy()
+        self.bank = np.asarray(arrays[f"{prefix}bank"], dtype=np.float32).copy()
+        self.bank_keys = np.asarray(arrays[f"{prefix}bank_keys"], dtype=np.uint64).copy()
+        if self.bank.shape != (len(self.bank_keys), dims[-1]) or len(self.bank_keys) > self.bank_size:
+            raise ValueError(f"KNN bank has shape {self.bank.shape}")
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    def _offer(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        keys = np.concatenate([self.bank_keys, keys])
+        rows = np.concatenate([self.bank, rows.astype(np.float32)])
+        order = np.lexsort((np.arange(len(keys)), keys))[: self.bank_size]  # by key; stable
+        self.bank_keys, self.bank = keys[order], rows[order]
+
+    def _whitened(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(class means whitened (K, C), whitening matrix (C, C)) of the tied covariance."""
+        if depth not in self._cache:
+            m = self.moments[depth]
+            total = int(m.count_.sum())
+            if total == 0:
+                raise ValueError("the feature reference has no data yet")
+            cov, _ = oas_shrink((m.m2_.sum(axis=0) / total)[None], total)
+            evals, evecs = np.linalg.eigh(cov[0])
+            whiten = evecs / np.sqrt(np.maximum(evals, evals.max() * 1e-12))[None]
+            self._cache[depth] = (m.mean_ @ whiten, whiten)
+        return self._cache[depth]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
