@@ -5,7 +5,8 @@ needs; the torch and onnxruntime passes compute only that (docs/attribution.md).
 """
 from __future__ import annotations
 
-from . import cam, crm, gradcam, gradcam_pp, guided_backprop, saliency, sam, scorecam  # noqa: F401  (registration)
+# registration, in DESIGN.md's order (the order `METHODS` lists and --help shows)
+from . import gradcam, gradcam_pp, scorecam, cam, saliency, guided_backprop, sam, crm  # noqa: F401,I001
 from .core import attribute, attribute_many, backend_of
 from .registry import METHODS, NEEDS, AttributionError, Method, get_method, onnx_methods, register
 
