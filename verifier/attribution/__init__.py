@@ -7,8 +7,10 @@ from __future__ import annotations
 
 # registration, in DESIGN.md's order (the order `METHODS` lists and --help shows)
 from . import gradcam, gradcam_pp, scorecam, cam, saliency, guided_backprop, sam, crm  # noqa: F401,I001
-from .core import attribute, attribute_many, backend_of
+from .core import Explanation, attribute, attribute_many, backend_of, explain, predictor
+from .faithfulness import Faithfulness, deletion_insertion
 from .registry import METHODS, NEEDS, AttributionError, Method, get_method, onnx_methods, register
 
-__all__ = ["attribute", "attribute_many", "backend_of", "METHODS", "NEEDS", "Method",
+__all__ = ["attribute", "attribute_many", "explain", "Explanation", "predictor", "backend_of",
+           "deletion_insertion", "Faithfulness", "METHODS", "NEEDS", "Method",
            "AttributionError", "register", "get_method", "onnx_methods"]

@@ -6,15 +6,30 @@ or TorchScript file (onnxruntime path; TorchScript is exported to ONNX in memory
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..spec import ModelSpec, load_spec
 from .registry import AttributionError, get_method, onnx_methods
 
-__all__ = ["attribute", "attribute_many", "backend_of"]
+__all__ = ["attribute", "attribute_many", "explain", "Explanation", "predictor", "backend_of"]
+
+
+@dataclass
+class Explanation:
+    """Maps of several methods for one batch, with the classes they explain.
+
+    maps: method -> float64 (N, h, w); targets: (N,) int64 explained class;
+    probabilities: (N, K) softmax of the model's outputs; layer: the resolved target layer.
+    """
+
+    maps: dict[str, np.ndarray]
+    targets: np.ndarray
+    probabilities: np.ndarray
+    layer: str
 
 
 def attribute(model: Any, x: np.ndarray, method: str, target: Any = None,
@@ -32,28 +47,70 @@ def attribute_many(model: Any, x: np.ndarray, methods: Sequence[str], target: An
                    layer: str = "auto") -> dict[str, np.ndarray]:
     """Several methods over one pass: the shared quantities (logits, target activation,
     tail-only layer gradient) are computed once, for the union of the methods' needs."""
+    return explain(model, x, methods, target=target, layer=layer).maps
+
+
+def explain(model: Any, x: np.ndarray, methods: Sequence[str], target: Any = None,
+            layer: str = "auto") -> Explanation:
+    """`attribute_many` plus the explained classes, the output probabilities and the layer."""
+    from scipy.special import softmax
+
     chosen = [get_method(m) for m in dict.fromkeys(methods)]
     if not chosen:
         raise AttributionError("no attribution method requested")
     needs = frozenset().union(*(m.needs for m in chosen))
     kind, obj, spec, bare = _resolve_model(model, x)
     if kind == "onnx":
-        refused = [m.name for m in chosen if m.onnx is None]
-        if refused:
-            raise AttributionError(
-                f"{', '.join(refused)} cannot run on {spec.backend} file {spec.path.name}: "
-                f"they need gradients onnxruntime does not give. The ONNX backend runs: "
-                f"{', '.join(onnx_methods())}. Give the nn.Module for the others")
+        check_backend(spec, [m.name for m in chosen])
         from .onnx_pass import OnnxPass
 
         p = OnnxPass(spec, np.asarray(x), layer, target, needs, bare=bare)
-        return {m.name: np.asarray(m.onnx(p), dtype=np.float64) for m in chosen}
+        maps = {m.name: np.asarray(m.onnx(p), dtype=np.float64) for m in chosen}
+        return Explanation(maps, p.targets, softmax(p.logits, axis=1), p.layer)
     from ..backends.torch_backend import probe_state_restored
     from .torch_pass import TorchPass
 
     with probe_state_restored(obj):
         p = TorchPass(obj, x, layer, target, needs, spec=spec)
-        return {m.name: np.asarray(m.torch(p), dtype=np.float64) for m in chosen}
+        maps = {m.name: np.asarray(m.torch(p), dtype=np.float64) for m in chosen}
+        return Explanation(maps, p.targets.cpu().numpy().astype(np.int64),
+                           softmax(p.logits.double().cpu().numpy(), axis=1), p.layer)
+
+
+def predictor(model: Any, channels: int, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
+    """A plain batched forward: float32 (R, C, H, W) -> float64 logits (R, K), in eval mode
+    with the model's state restored after each call (for faithfulness curves)."""
+    probe_x = np.zeros((1, channels, *size), dtype=np.float32)
+    kind, obj, spec, bare = _resolve_model(model, probe_x)
+    if kind == "onnx":
+        from .onnx_pass import OnnxPass
+
+        p = OnnxPass(spec, probe_x, "auto", None, frozenset(), bare=bare)
+        return p.forward
+    import torch
+
+    from ..backends.torch_backend import probe_state_restored
+
+    dev = next(iter(obj.parameters()), torch.zeros(())).device
+
+    def forward(xb: np.ndarray) -> np.ndarray:
+        with probe_state_restored(obj), torch.no_grad():
+            t = torch.as_tensor(np.asarray(xb, dtype=np.float32), device=dev)
+            return torch.cat([obj(t[i:i + 256]) for i in range(0, len(t), 256)]).double().cpu().numpy()
+
+    return forward
+
+
+def check_backend(spec: ModelSpec, methods: Sequence[str]) -> None:
+    """Raise AttributionError when a file-backed spec asks for methods ONNX cannot run."""
+    if spec.module is not None:
+        return
+    refused = [m for m in methods if get_method(m).onnx is None]
+    if refused:
+        raise AttributionError(
+            f"{', '.join(refused)} cannot run on {spec.backend} file {spec.path.name}: "
+            f"they need gradients onnxruntime does not give. The ONNX backend runs: "
+            f"{', '.join(onnx_methods())}. Give the nn.Module for the others")
 
 
 def backend_of(model: Any) -> str:

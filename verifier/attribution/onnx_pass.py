@@ -81,6 +81,7 @@ class OnnxPass:
     def resolve_targets(self, logits: np.ndarray) -> np.ndarray:
         """(N,) int64: the requested classes, else the argmax over the real classes."""
         if self.targets is None:
+            self.logits = logits
             self.targets = _targets(self._target, logits, self._class_spec)
         return self.targets
 

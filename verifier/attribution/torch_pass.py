@@ -105,7 +105,8 @@ class TorchPass:
     def resolve_targets(self, logits: torch.Tensor) -> torch.Tensor:
         """(N,) long class indices: the requested ones, else the argmax over real classes."""
         if self.targets is None:
-            self.targets = _targets(self._target, logits.detach(), self.spec)
+            self.logits = logits.detach()
+            self.targets = _targets(self._target, self.logits, self.spec)
         return self.targets
 
     # ------------------------------------------------------------------ re-evaluation
