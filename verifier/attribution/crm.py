@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from .registry import Method, register
+from .chunks import rows_per_chunk as _rows
 
-#: most activation elements one chunk of removal rows holds (about 256 MiB of float32)
-CHUNK_ELEMENTS = 1 << 26
 
 
 def crm_torch(p) -> np.ndarray:
@@ -23,7 +22,7 @@ def crm_torch(p) -> np.ndarray:
     tgt = p.targets
     base_err = _sq_err(torch.softmax(logits.double(), dim=1), tgt)  # (N,)
     rel = torch.empty(n * hw, dtype=torch.float64, device=act.device)
-    step = max(1, CHUNK_ELEMENTS // act[0].numel())
+    step = _rows(act[0].numel())
     for lo in range(0, n * hw, step):
         rows = torch.arange(lo, min(n * hw, lo + step), device=act.device)
         img, pos = rows // hw, rows % hw
@@ -41,7 +40,7 @@ def crm_onnx(p) -> np.ndarray:
     tgt = p.targets
     base_err = _sq_err_np(_softmax(logits), tgt)
     rel = np.empty(n * hw, dtype=np.float64)
-    step = max(1, CHUNK_ELEMENTS // act[0].size)
+    step = _rows(act[0].size)
     for lo in range(0, n * hw, step):
         rows = np.arange(lo, min(n * hw, lo + step))
         img, pos = rows // hw, rows % hw

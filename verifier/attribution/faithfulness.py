@@ -13,12 +13,10 @@ import numpy as np
 from scipy.integrate import trapezoid
 from scipy.special import softmax
 
+from .chunks import rows_per_chunk
 from .scorecam import _align_corners_matrix
 
 __all__ = ["Faithfulness", "deletion_insertion"]
-
-#: most input elements one chunk of perturbed inputs may hold (about 256 MiB of float32)
-CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass
@@ -61,7 +59,7 @@ def deletion_insertion(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarra
     curves = {}
     for kind in ("deletion", "insertion"):
         probs = np.empty(n * (steps + 1))
-        rows_per = max(1, CHUNK_ELEMENTS // x[0].size)
+        rows_per = rows_per_chunk(x[0].size)
         for lo in range(0, n * (steps + 1), rows_per):
             r = np.arange(lo, min(n * (steps + 1), lo + rows_per))
             img, s = r // (steps + 1), r % (steps + 1)

@@ -16,11 +16,10 @@ from ..backends import onnx_graph as og
 from ..probe import ProbeError
 from ..spec import ModelSpec
 from .registry import AttributionError
+from .chunks import rows_per_chunk as _rows
 
 __all__ = ["OnnxPass"]
 
-#: most float32 elements one chunk of tail / masked forward rows may hold (about 256 MiB)
-CHUNK_ELEMENTS = 1 << 26
 
 
 class OnnxPass:
@@ -95,7 +94,7 @@ class OnnxPass:
         dtype = np.float64 if self.tail_precision == "float64" else np.float32
         n = self.x.shape[0]
         out = []
-        step = max(1, CHUNK_ELEMENTS // max(1, acts[0].size))
+        step = _rows(acts[0].size)
         for lo in range(0, acts.shape[0], step):
             r = rows[lo:lo + step]
             feed = {self.layer: np.ascontiguousarray(acts[lo:lo + step], dtype=dtype)}
@@ -109,7 +108,7 @@ class OnnxPass:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Plain logits (R, K) float64 for a batch of (possibly masked) inputs, chunked."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        step = max(1, CHUNK_ELEMENTS // max(1, x[0].size))
+        step = _rows(x[0].size)
         return np.concatenate([
             np.asarray(self._session.run([self.logits_name], {self.input_name: x[lo:lo + step]})[0],
                        dtype=np.float64) for lo in range(0, x.shape[0], step)])

@@ -11,16 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from .registry import Method, register
+from .chunks import rows_per_chunk as _rows
 
-#: most masked-input elements built at once (about 256 MiB of float32)
-CHUNK_ELEMENTS = 1 << 26
 
 
 def scorecam_torch(p) -> np.ndarray:
     _, act, _ = p.base()
     n, k = act.shape[:2]
     scores = torch.empty(n * k, dtype=torch.float64)
-    step = max(1, CHUNK_ELEMENTS // p.x[0].numel())
+    step = _rows(p.x[0].numel())
     for lo in range(0, n * k, step):
         rows = torch.arange(lo, min(n * k, lo + step), device=act.device)
         img, ch = rows // k, rows % k
@@ -41,7 +40,7 @@ def scorecam_onnx(p) -> np.ndarray:
     H, W = p.x.shape[2:]
     rh, rw = _align_corners_matrix(h, H), _align_corners_matrix(w, W)
     scores = np.empty(n * k, dtype=np.float64)
-    step = max(1, CHUNK_ELEMENTS // p.x[0].size)
+    step = _rows(p.x[0].size)
     a32 = act.astype(np.float32)
     for lo in range(0, n * k, step):
         rows = np.arange(lo, min(n * k, lo + step))

@@ -8,6 +8,7 @@ parameters, both restored afterwards).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 import numpy as np
 import torch
@@ -16,12 +17,13 @@ from torch import nn
 from ..backends.torch_backend import resolve_layers
 from ..probe import ProbeError
 from ..spec import ModelSpec
+from .chunks import rows_per_chunk as _rows
 from .registry import AttributionError
 
 __all__ = ["TorchPass", "hooked"]
 
-#: most elements one chunk of tail / masked forward rows may hold (about 256 MiB of float32)
-CHUNK_ELEMENTS = 1 << 26
+#: resolved layer names per module and (layer, C, H, W): the dry run costs a forward pass
+_LAYER_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -56,15 +58,11 @@ class TorchPass:
         if self.x.ndim != 4 or self.x.shape[0] == 0:
             raise AttributionError(f"x must be a non-empty float32 (N, C, H, W) batch, got "
                                    f"shape {tuple(self.x.shape)}")
-        shape_spec = ModelSpec(classes=("_",), size=tuple(self.x.shape[2:]),
-                               channels=int(self.x.shape[1]), module=module,
-                               target_layer=layer)
-        try:
-            self.layer, _, self.linear = resolve_layers(module, shape_spec, self.device)
-        except ProbeError as e:
-            raise AttributionError(str(e)) from None
-        self.layer_module = dict(module.named_modules())[self.layer]
         self.needs = needs
+        self.layer, self.linear, self.layer_module = layer, None, None
+        if needs & {"layer_activation", "layer_gradient", "tail", "head_weights"}:
+            self.layer, self.linear = _resolve(module, layer, tuple(self.x.shape[1:]), self.device)
+            self.layer_module = dict(module.named_modules())[self.layer]
         self._target = target
         self._base: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.targets: torch.Tensor | None = None
@@ -119,7 +117,7 @@ class TorchPass:
         Chunked to bounded memory.
         """
         out = []
-        step = max(1, CHUNK_ELEMENTS // max(1, acts[0].numel() + self.x[0].numel()))
+        step = _rows(acts[0].numel() + self.x[0].numel())
         for lo in range(0, acts.shape[0], step):
             chunk = acts[lo:lo + step]
             swap = (lambda m, i, o, c=chunk: c)  # noqa: E731 - the chunk replaces the output
@@ -130,7 +128,7 @@ class TorchPass:
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain logits (R, K) for a batch of (possibly masked) inputs, chunked."""
-        step = max(1, CHUNK_ELEMENTS // max(1, x[0].numel()))
+        step = _rows(x[0].numel())
         return torch.cat([self._logits(self.model(x[lo:lo + step]))
                           for lo in range(0, x.shape[0], step)])
 
@@ -139,6 +137,24 @@ class TorchPass:
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
             raise AttributionError("the model must return a (N, K) logits tensor")
         return out
+
+
+def _resolve(module: nn.Module, layer: str, chw: tuple[int, ...],
+             device: torch.device) -> tuple[str, str | None]:
+    """(target layer, last linear) names, by the probe's dry run; cached per module."""
+    per_module = _LAYER_CACHE.setdefault(module, {})
+    key = (layer, chw)
+    if key not in per_module:
+        if len(chw) != 3 or chw[0] not in (1, 3):
+            raise AttributionError(f"x must be (N, 1 or 3, H, W), got (N, {chw})")
+        spec = ModelSpec(classes=("_",), size=chw[1:], channels=chw[0], module=module,
+                         target_layer=layer)
+        try:
+            target, _, linear = resolve_layers(module, spec, device)
+        except ProbeError as e:
+            raise AttributionError(str(e)) from None
+        per_module[key] = (target, linear)
+    return per_module[key]
 
 
 def _targets(target: object, logits: torch.Tensor, spec: ModelSpec | None) -> torch.Tensor:
