@@ -63,3 +63,15 @@ def test_onnx_cam_refuses_fc_head(exported, mnist):
     x = preprocess_uint8(mnist[0][POOL][:2]).numpy()
     with pytest.raises(AttributionError, match="global average pooling"):
         attribute(path, x, "cam")
+
+
+def test_torchscript_file_runs_through_the_onnx_path(gap_model, mnist, tmp_path):
+    import torch
+
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(gap_model), str(path))
+    x = preprocess_uint8(mnist[0][POOL][:4]).numpy()
+    for m in ("crm", "gradcam"):
+        assert close(attribute(path, x, m, layer="features.8"), attribute(gap_model, x, m), 1e-5), m
+    with pytest.raises(AttributionError, match="torchscript file m.pt"):
+        attribute(path, x, "sam")
