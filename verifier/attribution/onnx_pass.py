@@ -7,7 +7,9 @@ float64 kernels for every tail op. No input gradients exist on this path.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -38,29 +40,14 @@ class OnnxPass:
                                    f"shape {self.x.shape}")
         self.spec = spec
         self._class_spec = None if bare else spec
-        self.providers = ob._providers(None)
-        try:
-            model = ob._load_model(spec)
-            info = og.analyse(model)
-            if not og.spatial_candidates(info):
-                info = ob._shapes_from_dummy_run(info, spec, self.providers)
-            self.layer = og.auto_target(info) if layer == "auto" else og.resolve_layer(
-                info, layer, "target")
-        except ProbeError as e:
-            raise AttributionError(str(e)) from None
-        self.info = info
-        self.input_name, self.logits_name = info.input_name, info.logits_name
+        loaded = _load(spec, layer, "tail" in needs)
+        self.info, self.layer, self._session = loaded.info, loaded.layer, loaded.session
+        self._tail, self._side, self.tail_precision = loaded.tail, loaded.side, loaded.precision
+        self._fetch, self._loaded = loaded.fetch, loaded
+        self.input_name, self.logits_name = self.info.input_name, self.info.logits_name
         self.needs = needs
         self._target = target
         self.targets: np.ndarray | None = None
-        self._side: list[str] = []
-        self._tail = None
-        if "tail" in needs:
-            tail, self._side = og.extract_tail(info, self.layer)
-            self._tail, self.tail_precision = ob._tail_session(tail, self.providers, "auto")
-        fetch = list(dict.fromkeys([self.logits_name, self.layer, *self._side]))
-        self._fetch = fetch
-        self._session = ob._session(og.with_outputs(model, fetch, info), self.providers, "model")
         self._base: tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None = None
 
     def base(self) -> tuple[np.ndarray, np.ndarray]:
@@ -115,9 +102,60 @@ class OnnxPass:
 
     def gradcam(self) -> np.ndarray:
         """Grad-CAM (N, h, w) by the ONNX probe (exact GAP+linear tail, else finite differences)."""
-        logits, _ = self.base()
-        probe = ob.OnnxProbe(replace(self.spec, target_layer=self.layer, early_layer=self.layer))
-        return probe.run(self.x, classes=self.targets).cam.astype(np.float64)
+        self.base()
+        if self._loaded.probe is None:
+            self._loaded.probe = ob.OnnxProbe(replace(self.spec, target_layer=self.layer,
+                                                      early_layer=self.layer))
+        return self._loaded.probe.run(self.x, classes=self.targets).cam.astype(np.float64)
+
+
+@dataclass
+class _Loaded:
+    """Sessions for one model file, target layer and tail need (reused across batches)."""
+
+    info: og.GraphInfo
+    layer: str
+    session: Any
+    fetch: list[str]
+    tail: Any = None
+    side: list[str] = field(default_factory=list)
+    precision: str = "float64"
+    probe: Any = None
+
+
+#: the few most recently loaded models: one explain run feeds many batches to the same file
+_LOADED: OrderedDict[tuple, _Loaded] = OrderedDict()
+_LOADED_MAX = 4
+
+
+def _load(spec: ModelSpec, layer: str, with_tail: bool) -> _Loaded:
+    """The sessions for `spec`'s file, cached on the file's identity (path, size, mtime)."""
+    st = spec.path.stat()
+    key = (str(spec.path.resolve()), st.st_size, st.st_mtime_ns, spec.channels, spec.size,
+           layer, with_tail)
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    providers = ob._providers(None)
+    try:
+        model = ob._load_model(spec)
+        info = og.analyse(model)
+        if not og.spatial_candidates(info):
+            info = ob._shapes_from_dummy_run(info, spec, providers)
+        target = og.auto_target(info) if layer == "auto" else og.resolve_layer(info, layer,
+                                                                                "target")
+    except ProbeError as e:
+        raise AttributionError(str(e)) from None
+    loaded = _Loaded(info=info, layer=target, session=None, fetch=[])
+    if with_tail:
+        tail, loaded.side = og.extract_tail(info, target)
+        loaded.tail, loaded.precision = ob._tail_session(tail, providers, "auto")
+    loaded.fetch = list(dict.fromkeys([info.logits_name, target, *loaded.side]))
+    loaded.session = ob._session(og.with_outputs(model, loaded.fetch, info), providers, "model")
+    _LOADED[key] = loaded
+    while len(_LOADED) > _LOADED_MAX:
+        _LOADED.popitem(last=False)
+    return loaded
 
 
 def _targets(target: object, logits: np.ndarray, spec: ModelSpec | None) -> np.ndarray:

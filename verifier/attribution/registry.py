@@ -36,8 +36,8 @@ class Method:
     name:   the registry key (`attribute(..., method=name)`)
     needs:  subset of `NEEDS`; the pass computes only these
     grid:   "layer" (map at the target layer's h x w) or "input" (at H x W)
-    torch:  fn(pass_, targets) -> (N, h, w) float64 on the torch path
-    onnx:   the same on the onnxruntime path, or None when ONNX cannot compute it
+    torch:  fn(TorchPass) -> (N, h, w) float64 on the torch path
+    onnx:   fn(OnnxPass) -> the same on the onnxruntime path, or None when ONNX cannot
     signed: True when the raw map has both signs (CRM); False when it is >= 0
     summary: one line for --help and reports
     """
@@ -45,8 +45,8 @@ class Method:
     name: str
     needs: frozenset[str]
     grid: str
-    torch: Callable[[Any, Any], np.ndarray]
-    onnx: Callable[[Any, np.ndarray], np.ndarray] | None
+    torch: Callable[[Any], np.ndarray]
+    onnx: Callable[[Any], np.ndarray] | None
     signed: bool
     summary: str
 
