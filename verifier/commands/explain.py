@@ -5,14 +5,15 @@
   verifier explain --spec model.toml --method gradcam,scorecam scans/ --out maps/ --faithfulness --json
 
 Methods: gradcam, gradcam++, scorecam, cam, saliency, guided_backprop, sam, crm (comma-
-separated; docs/attribution.md). An ONNX or TorchScript model runs gradcam, scorecam, cam and
-crm; the others need input gradients and are refused with that list. Maps are raw (not
-normalised): CAM-family at the target layer's grid, gradient methods at input resolution.
---per-class takes one labelled folder (DIR/<class>/<images>) or CSV and writes each class's
-mean map of the true class, per_class/<class>.<method>.npy / .png (CRM's class-specific
-ROI maps). --faithfulness adds deletion and insertion AUCs per image (lower deletion / higher insertion = more faithful). An unreadable
-input gets an error record and the rest go on. Exit 0 when some image was explained, 2 when
-none could be (or on a usage, spec or method error).
+separated; docs/attribution.md). An ONNX or TorchScript model runs gradcam, scorecam, cam
+and crm; the others need gradients onnxruntime does not give and are refused with that
+list. Maps are raw (not normalised): CAM-family at the target layer's grid, gradient
+methods at input resolution. --per-class takes one labelled folder (DIR/<class>/<images>)
+or CSV and writes each class's mean map of the true class, per_class/<class>.<method>.npy
+and .png (CRM's class-specific ROI maps). --faithfulness adds deletion and insertion AUCs
+per image (lower deletion and higher insertion = more faithful). An unreadable input gets
+an error record and the rest go on. Exit 0 when some image was explained, 2 when none
+could be (or on a usage, spec or method error).
 """
 from __future__ import annotations
 
