@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("audit", "audit a candidate model against a bundle's trusted reference (exit 0 PASS, 1 FAIL)"),
     "drift": ("drift", "drift report over a day of logged decisions (exit 0 no alert, 1 alert)"),
     "serve": ("serve", "HTTP gating service"),
+    "explain": ("explain", "attribution maps (.npy + overlay PNG), per-class mean maps, faithfulness"),
     "declare": ("declare", "declare another model file (e.g. an ONNX export) compatible with a bundle, after a parity check"),
 }
 
