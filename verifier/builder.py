@@ -18,7 +18,7 @@ from calibration.fusion import FusedConformal
 from reference_maps.canonical import DEFAULT_GRID, to_grid
 from reference_maps.store import ReferenceStore
 
-from .bundle import Bundle
+from .bundle import Bundle, check_bundle_out
 from .compare import Comparator, higher_is_worse
 from .garbage import GarbageHead, garbage_score, synthetic_garbage
 from .probe import Probe, ProbeResult, open_probe
@@ -76,7 +76,8 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                  calibration_fraction: float = 0.3, garbage: str | Path | None = None,
                  alpha: float = 0.05, grid: tuple[int, int] = DEFAULT_GRID, combine: str = "fusion",
                  batch_size: int = 64, seed: int = 0, progress: bool = False,
-                 probe: Probe | None = None, head_samples: int = 2000) -> Bundle:
+                 probe: Probe | None = None, head_samples: int = 2000, overwrite: bool = False,
+                 sign_key: Any = None) -> Bundle:
     """Build and save a bundle; returns it (loaded state, `bundle.info` holds the figures).
 
     data / calibration: a folder, a CSV manifest or (images, labels) arrays. Without
@@ -84,7 +85,15 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     the calibration images fit the score fusion; the rest calibrate it (disjoint).
     Memory is constant in the number of reference images: the store streams, and the
     garbage head learns from a uniform sample of `head_samples` images' features.
+    `out` must be new or empty, or a bundle to replace with `overwrite` (checked first:
+    nothing else is ever deleted); `sign_key`, a key file or `SigningKey`, signs it.
     """
+    from .signing import SignatureError, as_key
+
+    check_bundle_out(out, overwrite)
+    key = as_key(sign_key)
+    if key is not None and not key.can_sign:
+        raise SignatureError(f"{key.path} is a public key: signing needs the private key")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if garbage is not None and not Path(garbage).is_dir():
@@ -178,7 +187,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                     higher_is_worse=directions, model_fingerprint=probe.fingerprint, combine=combine,
                     info={"build": report.__dict__, "target_layer": probe.target_layer,
                           "early_layer": probe.early_layer, "gradient_method": probe.gradient_method})
-    bundle.save(out)
+    bundle.save(out, overwrite=overwrite, sign_key=key)
     return bundle
 
 

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "drift": ("drift", "drift report over a day of logged decisions (exit 0 no alert, 1 alert)"),
     "serve": ("serve", "HTTP gating service"),
     "declare": ("declare", "declare another model file (e.g. an ONNX export) compatible with a bundle, after a parity check"),
+    "verify": ("verify", "check a bundle's checksums, manifest digest and signature (exit 0 intact, 1 tampered)"),
 }
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2

@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", metavar="DIR", help="append every decision to the Parquet decision log in DIR")
     p.add_argument("--spec", help="gate with another model file declared compatible ('verifier declare')")
     p.add_argument("--alpha", type=float, help="override the bundle's target false-rejection rate")
+    p.add_argument("--verify-key", metavar="KEY", help="key file: refuse the bundle unless it is signed by this key (HMAC secret or Ed25519 public key; docs/bundle.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from ..spec import load_spec
     from ..serve import make_server
 
-    gate = Gatekeeper.load(args.bundle, spec=load_spec(args.spec) if args.spec else None, alpha=args.alpha)
+    gate = Gatekeeper.load(args.bundle, spec=load_spec(args.spec) if args.spec else None, alpha=args.alpha,
+                           key=args.verify_key)
     server = make_server(gate, args.host, args.port, log=args.log)
     print(f"verifier serving bundle {gate.bundle.bundle_id} on http://{args.host}:{server.server_port} "
           f"(POST /gate, GET /health); Ctrl-C stops", file=sys.stderr)
