@@ -263,3 +263,40 @@ def test_gate_on_intact_bundle_still_decides(site, mnist):
     gate = Gatekeeper.load(site / "bundle", key=site / "key")
     decisions = gate.gate(np.asarray(mnist[0][POOL][:50]))
     assert sum(d.accepted for d in decisions) >= 40
+
+
+def test_declare_keeps_a_signed_bundle_signed(site, gap_model, mnist, tmp_path, capsys):
+    """The compatibility seal is covered by the digest and the signature: declaring on a
+    signed bundle needs the key, and a hand-resealed declaration is refused with the key."""
+    import torch
+
+    key = site / "key"
+    b = _copy(site, tmp_path)
+    torch.jit.trace(gap_model.eval(), torch.zeros(1, 1, 28, 28)).save(str(tmp_path / "model.pt"))
+    (tmp_path / "ts.toml").write_text((site / "model.toml").read_text().replace("model.onnx", "model.pt"))
+    folder = tmp_path / "in"
+    save_dataset(mnist[0][POOL][:40], mnist[1][POOL][:40], CLASSES, folder)
+    declare = ["declare", "--bundle", str(b), "--spec", str(tmp_path / "ts.toml"), "--data", str(folder)]
+    before = _snapshot(b)
+    assert main(declare) == 2
+    assert "is signed (hmac:" in capsys.readouterr().err
+    assert _snapshot(b) == before
+    assert main([*declare, "--out", str(site / "cal")]) == 2  # --out follows the same rule
+    assert main([*declare, "--verify-key", str(key), "--sign-key", str(key)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(b), "--key", str(key), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["signature"]["status"] == "verified" and r["declarations"]["status"] == "1 sealed (model.pt)"
+    gate = ["gate", "--bundle", str(b), "--spec", str(tmp_path / "ts.toml"), str(folder / "3"),
+            "--verify-key", str(key)]
+    assert main(gate) == 0
+    # a figure of the declaration edited, its seal left alone, every checksum recomputed
+    _edit_manifest(b, lambda m: m["info"]["compatibility"]["model.pt"]["figures"].__setitem__(
+        "cam_cosine_min", 1.0))
+    _reseal(b)
+    assert main(gate) == 2
+    assert "HMAC does not match" in capsys.readouterr().err
+    _reseal(b, strip_signature=True)
+    capsys.readouterr()
+    assert main(["verify", str(b), "--json"]) == 1  # and without a key, the seal itself fails
+    assert json.loads(capsys.readouterr().out)["declarations"]["status"] == "REFUSED"
