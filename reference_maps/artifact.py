@@ -228,7 +228,8 @@ def check_destination(path: str | os.PathLike[str], kind: str, overwrite: bool) 
     if not os.path.lexists(path):
         return
     if path.is_symlink() or not path.is_dir():
-        raise ArtifactError(f"{path} exists and is not a folder; refusing to replace it")
+        what = "a symbolic link" if path.is_symlink() else "not a folder"
+        raise ArtifactError(f"{path} exists and is {what}; refusing to replace it")
     entries = _entries(path)
     if not entries:
         return

@@ -101,6 +101,9 @@ class Bundle:
             model_name = "model" + self.spec.path.suffix.lower()
             files[model_name] = Path(self.spec.path).read_bytes()
             for name, file in external_data_files(self.spec.path):  # ONNX weights kept beside it
+                if name in (model_name, "spec.toml"):
+                    raise BundleError(f"{self.spec.path}: external data file {name!r} clashes "
+                                      f"with the bundle's own {name}; rename it")
                 files[name] = file.read_bytes()
             spec_tables["model"]["path"] = model_name
         else:
