@@ -198,7 +198,7 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
 
 def field_digests(manifest: Mapping[str, Any]) -> dict[str, str]:
     """{top-level field: short sha256 of its canonical JSON}: names what an edit changed."""
-    return {k: hashlib.sha256(_canonical(v)).hexdigest()[:16]
+    return {k: hashlib.sha256(_canonical_or_repr(v)).hexdigest()[:16]
             for k, v in sorted(manifest.items()) if k != "integrity"}
 
 
@@ -264,6 +264,13 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def _canonical_or_repr(obj: Any) -> bytes:
+    try:
+        return _canonical(obj)
+    except ValueError:  # NaN or Infinity written by hand: still differs from any JSON value
+        return b"not plain JSON: " + repr(obj).encode("utf-8")
+
+
 def _entries(path: Path) -> list[str]:
     """Every name under `path` (folders too), relative POSIX; links are listed, not followed."""
     out = []
@@ -289,8 +296,8 @@ def _check_integrity(path: Path, manifest: dict[str, Any]) -> None:
                             f"{integrity.get('scheme')!r}; this software checks {INTEGRITY_SCHEME!r}")
     try:
         actual = manifest_digest(manifest)
-    except ValueError as exc:  # NaN or Infinity written by hand
-        raise ArtifactError(f"{path / MANIFEST_NAME} holds a value that is not plain JSON: {exc}") from exc
+    except ValueError:  # NaN or Infinity written by hand: never what was written
+        actual = None
     if actual != integrity["digest"]:
         changed = changed_fields(manifest)
         what = (f"field(s) {', '.join(changed)} changed" if changed

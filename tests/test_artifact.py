@@ -185,6 +185,7 @@ def _edit(path, change):
 
 @pytest.mark.parametrize("field,change", [
     ("grid", lambda m: m["grid"].__setitem__(0, 8)),
+    ("grid", lambda m: m["grid"].__setitem__(0, float("nan"))),  # not even plain JSON
     ("model_fingerprint", lambda m: m.__setitem__("model_fingerprint", "abd")),
     ("arrays", lambda m: m["arrays"]["main"]["a"].__setitem__("shape", [4, 3])),
     ("files", lambda m: m["files"].__setitem__("spec.toml", "0" * 64)),

@@ -70,8 +70,11 @@ def verify_bundle(path: str | Path, key: str | Path | SigningKey | None = None) 
     problems: list[str] = []
 
     integrity = manifest.get("integrity") if isinstance(manifest.get("integrity"), dict) else {}
-    digest = manifest_digest(manifest)
     recorded = integrity.get("digest")
+    try:
+        digest = manifest_digest(manifest)
+    except ValueError:  # NaN or Infinity written by hand: no canonical JSON exists
+        digest = "none (a value is not plain JSON)"
     if recorded is None:
         m_status = "missing: the manifest has no integrity record"
         problems.append("the manifest's integrity record was removed")
