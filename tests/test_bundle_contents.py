@@ -146,4 +146,4 @@ def test_colormaps_match_matplotlib():
         assert np.abs(got - want).max() <= 4, name
         assert (got[:, 3] == 255).all()
     with pytest.raises(ValueError, match="unknown colormap"):
-        colormap(t, "jet")
+        colormap(t, "no-such-map")

@@ -134,13 +134,22 @@ COLORMAPS = {
     "inferno": """000003 030212 0a0723 140b36 200c4a 2e0a5a 3c0965 4a0b6a 570f6d 63146e 70196e
         7d1d6c 892269 962666 a32b61 af315b bb3754 c73e4c d14643 db4f3a e45a31 eb6527 f1721d
         f68012 f98e08 fb9d06 fbac10 fabb21 f8cb34 f4db4b f1e968 f3f689 fcfea4""",
+    "gray": "000000 ffffff",
 }
 
 
 def colormap(values: np.ndarray, name: str = "viridis") -> np.ndarray:
-    """Values in [0, 1] of any shape (...) -> uint8 RGBA (..., 4), alpha 255."""
+    """Values in [0, 1] of any shape (...) -> uint8 RGBA (..., 4), alpha 255. Names outside
+    `COLORMAPS` need matplotlib (not a dependency): its colormap registry is used then."""
     if name not in COLORMAPS:
-        raise ValueError(f"unknown colormap {name!r}; known: {sorted(COLORMAPS)}")
+        try:
+            from matplotlib import colormaps
+        except ImportError:
+            raise ValueError(f"unknown colormap {name!r}; known without matplotlib: "
+                             f"{sorted(COLORMAPS)}") from None
+        if name not in colormaps:
+            raise ValueError(f"unknown colormap {name!r}")
+        return colormaps[name](np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0), bytes=True)
     anchors = np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in COLORMAPS[name].split()],
                        dtype=np.float64)
     t = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
