@@ -277,9 +277,10 @@ class ReferenceStore:
             raise ValueError("feature reference counts differ from the store's")
         return store
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the store as a `reference-store` artifact (format version 1)."""
-        write_artifact(path, kind=STORE_KIND, format_version=STORE_FORMAT_VERSION,
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
+        """Write the store as a `reference-store` artifact (format version 1); an existing
+        store at `path` is replaced only with `overwrite`, any other folder never."""
+        write_artifact(path, kind=STORE_KIND, format_version=STORE_FORMAT_VERSION, overwrite=overwrite,
                        arrays={"moments": self.to_arrays()},
                        manifest={"classes": self.classes, "grid": list(self.grid),
                                  "early_channels": self.early_channels,

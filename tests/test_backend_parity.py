@@ -169,10 +169,17 @@ def test_input_contract_must_match(declared, exports, gap_model, mnist):
         Bundle.load(declared["gap"], model=gap_model, spec=exports["gap"])
 
 
-def _edit(src: Path, dst: Path, change) -> Path:
+def _edit(src: Path, dst: Path, change, reseal: bool = True) -> Path:
+    """Copy a bundle and edit its manifest; `reseal` recomputes the manifest digest as a
+    forger who knows the format would (every load refuses the edit otherwise), so that
+    the declaration's own seal is what is tested."""
+    from reference_maps.artifact import field_digests, manifest_digest
+
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())
     change(m)
+    if reseal:
+        m["integrity"].update(digest=manifest_digest(m), fields=field_digests(m))
     (dst / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True))
     return dst
 
@@ -203,6 +210,9 @@ def test_hand_edited_declarations_are_refused(declared, exports, gap_model, tmp_
              (swap_fingerprint, "seal does not match"), (edit_figure, "seal does not match"),
              (edit_alpha, "seal does not match")]
     for change, why in cases:
+        plain = _edit(src, tmp_path / f"plain_{change.__name__}", change, reseal=False)
+        with pytest.raises(BundleError, match="manifest.json was edited after it was written"):
+            Bundle.load(plain, check_model=False)
         bad = _edit(src, tmp_path / change.__name__, change)
         for kw in ({"spec": exports["fc"]}, {"model": gap_model}, {"check_model": False}):
             with pytest.raises(BundleError, match=f"declaration .* is refused: .*{why}"):

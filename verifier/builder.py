@@ -19,7 +19,7 @@ from calibration.indist import InDistributionConformal
 from reference_maps.canonical import DEFAULT_GRID, to_grid
 from reference_maps.store import ReferenceStore
 
-from .bundle import Bundle
+from .bundle import Bundle, check_bundle_out
 from .compare import Comparator, higher_is_worse, score_family
 from .garbage import GarbageHead, garbage_score, synthetic_garbage
 from .probe import Probe, ProbeResult, open_probe
@@ -82,7 +82,8 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                  probe: Probe | None = None, head_samples: int = 2000,
                  guarantee: str = "marginal", delta: float = 0.1,
                  combine_method: str = "fisher",
-                 combine_families: Sequence[str] | None = COMBINED_FAMILIES) -> Bundle:
+                 combine_families: Sequence[str] | None = COMBINED_FAMILIES,
+                 overwrite: bool = False, sign_key: Any = None) -> Bundle:
     """Build and save a bundle; returns it (loaded state, `bundle.info` holds the figures).
 
     data / calibration: a folder, a CSV manifest or (images, labels) arrays. Without
@@ -98,7 +99,15 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     near-OOD power, docs/gate.md).
     guarantee: "marginal" or "pac" (with probability >= 1 - delta over the calibration
     draw, the false-rejection rate is <= alpha); see docs/gate.md.
+    `out` must be new or empty, or a bundle to replace with `overwrite` (checked first:
+    nothing else is ever deleted); `sign_key`, a key file or `SigningKey`, signs it.
     """
+    from .signing import SignatureError, as_key
+
+    check_bundle_out(out, overwrite)
+    key = as_key(sign_key)
+    if key is not None and not key.can_sign:
+        raise SignatureError(f"{key.path} is a public key: signing needs the private key")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if guarantee not in GUARANTEES or not 0.0 < delta < 1.0:
@@ -205,7 +214,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                     higher_is_worse=directions, model_fingerprint=probe.fingerprint, combine=combine,
                     info={"build": report.__dict__, "target_layer": probe.target_layer,
                           "early_layer": probe.early_layer, "gradient_method": probe.gradient_method})
-    bundle.save(out)
+    bundle.save(out, overwrite=overwrite, sign_key=key)
     return bundle
 
 

@@ -1,32 +1,37 @@
 """Bundle: one directory holding spec, model file, reference store, garbage head and calibration.
 
-Written atomically with a versioned, checksummed manifest (`reference_maps.artifact`);
-loading refuses changed files, unknown versions, and a model whose fingerprint differs.
+Written atomically with a versioned, checksummed manifest (`reference_maps.artifact`),
+optionally signed (`verifier.signing`); loading refuses changed files, a hand-edited
+manifest, a bad signature, unknown versions, and a model whose fingerprint differs.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomli_w
 
 from calibration.conformal import ConformalCalibrator
 from calibration.fusion import FusedConformal
 from calibration.indist import InDistributionConformal
-from reference_maps.artifact import ArtifactError, read_artifact, write_artifact
+from reference_maps.artifact import (Artifact, ArtifactError, check_destination, read_artifact,
+                                     signed_message, write_artifact)
 from reference_maps.store import ReferenceStore
 
 from .garbage import GarbageHead
-from .spec import ModelSpec, SpecError, model_fingerprint, spec_from_dict
+from .signing import SignatureError, SigningKey, as_key, sign, verify
+from .spec import ModelSpec, SpecError, external_data_files, model_fingerprint, spec_from_dict
 
-__all__ = ["Bundle", "BundleError", "BUNDLE_KIND", "BUNDLE_FORMAT_VERSION"]
+__all__ = ["Bundle", "BundleError", "BUNDLE_KIND", "BUNDLE_FORMAT_VERSION", "check_bundle_out",
+           "signature_status"]
 
 BUNDLE_KIND = "verifier-bundle"
-BUNDLE_FORMAT_VERSION = 1
+#: 2: the whole manifest is digested (and optionally signed); 1 hashed only the files
+BUNDLE_FORMAT_VERSION = 2
 
 
 class BundleError(ValueError):
@@ -61,6 +66,8 @@ class Bundle:
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     bundle_id: str = ""
+    #: how the bundle was verified on load: {"digest", "signed", "verified", "key_id"}
+    integrity: dict[str, Any] = field(default_factory=dict)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -83,14 +90,31 @@ class Bundle:
             return [pooled]
         return [int(c) if c >= size else pooled for c in counts]
 
-    def save(self, path: str | Path) -> Path:
-        """Write the bundle directory (atomically); returns its path."""
+    def save(self, path: str | Path, *, overwrite: bool = False,
+             sign_key: str | Path | SigningKey | None = None) -> Path:
+        """Write the bundle directory (atomically); returns its path.
+
+        `path` must be missing or empty, or (with `overwrite`) a bundle this tool wrote
+        and nothing else: no other folder is ever replaced. `sign_key` (a key file or
+        `SigningKey`) signs the manifest digest (docs/bundle.md).
+        """
         path = Path(path)
+        try:
+            key = as_key(sign_key)
+        except SignatureError as e:
+            raise BundleError(str(e)) from None
+        if key is not None and not key.can_sign:
+            raise BundleError(f"{key.path} is an Ed25519 public key: signing needs the private key")
         files: dict[str, bytes] = {}
         spec_tables = self.spec.to_toml_dict()
         if self.spec.path is not None:
             model_name = "model" + self.spec.path.suffix.lower()
             files[model_name] = Path(self.spec.path).read_bytes()
+            for name, file in external_data_files(self.spec.path):  # ONNX weights kept beside it
+                if name in (model_name, "spec.toml"):
+                    raise BundleError(f"{self.spec.path}: external data file {name!r} clashes "
+                                      f"with the bundle's own {name}; rename it")
+                files[name] = file.read_bytes()
             spec_tables["model"]["path"] = model_name
         else:
             spec_tables["model"].pop("path", None)
@@ -121,15 +145,20 @@ class Bundle:
             "reference_metadata": _jsonable(self.store.metadata),
             "info": _jsonable(self.info),
         }
-        write_artifact(path, kind=BUNDLE_KIND, format_version=BUNDLE_FORMAT_VERSION,
-                       arrays=arrays, manifest=manifest, files=files)
+        try:
+            write_artifact(path, kind=BUNDLE_KIND, format_version=BUNDLE_FORMAT_VERSION,
+                           arrays=arrays, manifest=manifest, files=files, overwrite=overwrite,
+                           sign=None if key is None else (lambda message: sign(key, message)))
+        except ArtifactError as e:
+            raise BundleError(str(e)) from None
         self.path = path
         self.bundle_id = _bundle_id(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None, check_model: bool = True,
-             spec: ModelSpec | None = None) -> Bundle:
+             spec: ModelSpec | None = None,
+             key: str | Path | SigningKey | None = None) -> Bundle:
         """Read and verify a bundle. `model` (an nn.Module) is needed only for bundles
         built from an in-memory module; it must have the fingerprint the bundle was built for.
 
@@ -140,12 +169,17 @@ class Bundle:
         module it was built from): its classes, garbage output and input contract must be
         the bundle's, and its fingerprint the bundle's own or one declared compatible with
         `verifier.compat.declare_compatible` (declarations are verified on every load).
+
+        The manifest digest (every field) and every file's sha256 are always checked.
+        `key` (a key file or `SigningKey`): the bundle must also carry a signature by that
+        key over the digest, or it is refused; without `key` a signature is not checked.
         """
         path = Path(path)
         try:
             art = read_artifact(path, kind=BUNDLE_KIND, supported_versions={BUNDLE_FORMAT_VERSION})
-        except ArtifactError as e:
-            raise BundleError(str(e)) from None
+            integrity = signature_status(art, as_key(key))
+        except (ArtifactError, SignatureError) as e:
+            raise BundleError(f"bundle {path}: {e}" if str(path) not in str(e) else str(e)) from None
         m = art.manifest
         expected = m["model_fingerprint"]
         compatible = m.get("compatible_fingerprints", {})
@@ -191,8 +225,37 @@ class Bundle:
             info=m.get("info", {}),
             path=path,
             bundle_id=_bundle_id(path),
+            integrity=integrity,
         )
         return bundle
+
+
+def check_bundle_out(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse (BundleError), before any work, an `--out` that `Bundle.save` would refuse:
+    a non-empty folder that is not a bundle, or a bundle without `overwrite`."""
+    try:
+        check_destination(Path(path), BUNDLE_KIND, overwrite)
+    except ArtifactError as e:
+        raise BundleError(str(e)) from None
+
+
+def signature_status(art: Artifact, key: SigningKey | None) -> dict[str, Any]:
+    """{"digest", "signed", "verified", "alg", "key_id"} of a read artifact; with `key`,
+    raises `SignatureError` unless the artifact is signed by that key over its digest."""
+    record = art.signature
+    status = {"digest": art.digest, "signed": record is not None, "verified": False,
+              "alg": record.get("alg") if isinstance(record, dict) else None,
+              "key_id": record.get("key_id") if isinstance(record, dict) else None}
+    if key is not None:
+        if record is None:
+            raise SignatureError(f"it is not signed, so it cannot be verified with key "
+                                 f"{key.key_id} (anyone could have written or edited it)")
+        try:
+            verify(key, record, signed_message(art.digest))
+        except SignatureError as e:
+            raise SignatureError(f"its signature is refused: {e}") from None
+        status["verified"] = True
+    return status
 
 
 class _NoModel:
@@ -265,13 +328,8 @@ def _short(fp: str) -> str:
 
 
 def _toml_bytes(tables: dict[str, dict[str, Any]]) -> bytes:
-    lines = []
-    for name, table in tables.items():
-        lines.append(f"[{name}]")
-        for k, v in table.items():
-            lines.append(f"{k} = {json.dumps(v)}")
-        lines.append("")
-    return "\n".join(lines).encode("utf-8")
+    """TOML written by a TOML writer (JSON string escapes are not TOML's)."""
+    return tomli_w.dumps(tables).encode("utf-8")
 
 
 def _jsonable(obj: Any) -> Any:

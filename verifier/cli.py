@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "HTTP gating service"),
     "explain": ("explain", "attribution maps (.npy + overlay PNG), per-class mean maps, faithfulness"),
     "declare": ("declare", "declare another model file (e.g. an ONNX export) compatible with a bundle, after a parity check"),
+    "verify": ("verify", "check a bundle's checksums, manifest digest and signature (exit 0 intact, 1 tampered)"),
 }
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2

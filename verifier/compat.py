@@ -20,7 +20,9 @@ of the bundle's content (calibration and reference arrays, spec, alpha, classes,
 bundle's own model fingerprint). `Bundle.load` verifies every seal, so a fingerprint
 added to `manifest.json` by hand, a figure edited, or a declaration copied into
 another bundle is refused. The seal is integrity, not authenticity: it has no secret
-key, so whoever can run this code can compute a seal for anything (docs/onnx.md).
+key, so whoever can run this code can compute a seal for anything (docs/onnx.md). The
+seal lives in the manifest, so the bundle's digest and (with `sign_key`) its signature
+cover it too: a signed bundle is re-signed on declaring, never silently left unsigned.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ class CompatibilityError(BundleError):
 # ------------------------------------------------------------------ declaring
 def declare_compatible(bundle_path: str | Path, other: ModelSpec, images: Any, *,
                        model: Any = None, label: str | None = None, out: str | Path | None = None,
-                       garbage: int | None = None, batch_size: int = 64, seed: int = 0) -> dict:
+                       garbage: int | None = None, batch_size: int = 64, seed: int = 0,
+                       key: Any = None, sign_key: Any = None) -> dict:
     """Measure `other` against the bundle's model and, if it passes the rule, declare it.
 
     bundle_path: a bundle; `model` is its nn.Module when it was built from one.
@@ -71,7 +74,11 @@ def declare_compatible(bundle_path: str | Path, other: ModelSpec, images: Any, *
         or raw pixels (N, H, W[, C])); `garbage` synthetic garbage images are made from
         them (default: half as many, at least 32) so out-of-distribution inputs count too.
     label: the declaration's name (default: the other model's file name).
-    out: write the declared bundle there instead of rewriting `bundle_path` in place.
+    out: write the declared bundle there instead of rewriting `bundle_path` in place
+        (a new or empty folder, or a bundle this tool wrote).
+    key: verify the bundle's signature with this key file first (refused if it fails).
+    sign_key: sign the declared bundle; required when the bundle is signed, so that
+        declaring never strips a signature.
 
     Returns the declaration record (figures, fingerprints, seal). Raises
     `CompatibilityError` with the failing figure; the bundle is then left unchanged.
@@ -79,8 +86,18 @@ def declare_compatible(bundle_path: str | Path, other: ModelSpec, images: Any, *
     from .gate import Gatekeeper
     from .probe import open_probe
 
+    from .signing import as_key
+
     bundle_path = Path(bundle_path)
-    bundle = Bundle.load(bundle_path, model=model)
+    bundle = Bundle.load(bundle_path, model=model, key=key)
+    if out is not None and Path(out).resolve() != bundle_path.resolve():
+        from .bundle import check_bundle_out
+        check_bundle_out(out)  # before the parity run, not after
+    sign_key = as_key(sign_key)
+    if bundle.integrity.get("signed") and sign_key is None:
+        raise BundleError(f"bundle {bundle_path} is signed ({bundle.integrity.get('key_id')}): "
+                          f"give the signing key (--sign-key) so the declared bundle is "
+                          f"signed again")
     label = label if label is not None else (other.path.name if other.path is not None else "module")
     if not isinstance(label, str) or not label:
         raise ValueError("label must be a non-empty string")
@@ -128,7 +145,9 @@ def declare_compatible(bundle_path: str | Path, other: ModelSpec, images: Any, *
     compat = dict(bundle.info.get("compatibility", {}))
     compat[label] = record
     bundle.info = {**bundle.info, "compatibility": compat}
-    _save_sealed(bundle, Path(out) if out is not None else bundle_path)
+    _save_sealed(bundle, Path(out) if out is not None else bundle_path,
+                 in_place=out is None or Path(out).resolve() == bundle_path.resolve(),
+                 sign_key=sign_key)
     return bundle.info["compatibility"][label]
 
 
@@ -270,8 +289,9 @@ def _seal(label: str, record: Mapping[str, Any], content: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _save_sealed(bundle: Bundle, out: Path) -> None:
-    """Save `bundle` to `out` with every declaration sealed over the content it is saved with.
+def _save_sealed(bundle: Bundle, out: Path, in_place: bool = True, sign_key: Any = None) -> None:
+    """Save `bundle` to `out` with every declaration sealed over the content it is saved with
+    (replacing `out` only when it is the bundle's own folder, `in_place`).
 
     The content digest is read back from a first save to a temporary sibling (the same
     in-memory objects are then saved to `out`, so the arrays are identical); `out` is
@@ -295,10 +315,10 @@ def _save_sealed(bundle: Bundle, out: Path) -> None:
         for label in bundle.compatible_fingerprints:
             compat[label] = {**saved[label], "seal": _seal(label, saved[label], content)}
         bundle.info = {**bundle.info, "compatibility": compat}
-        bundle.save(out)
+        bundle.save(out, overwrite=in_place, sign_key=sign_key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    Bundle.load(out, model=bundle.spec.module)  # fails loudly if a seal does not verify
+    Bundle.load(out, model=bundle.spec.module, key=sign_key)  # fails loudly if a seal does not verify
 
 
 # ------------------------------------------------------------------ inputs

@@ -83,7 +83,8 @@ def run_demo(out: str | Path = "demo-out", alpha: float = 0.05, n_ood: int = 200
     say("3/6 bundle: reference store + garbage head + calibration")
     build_bundle(spec, out / "data" / "reference", out / "bundle",
                  calibration=out / "data" / "calibration", alpha=alpha, seed=seed, progress=progress,
-                 guarantee=guarantee, delta=delta)
+                 guarantee=guarantee, delta=delta,
+                 overwrite=True)  # the demo's own bundle from an earlier run (only a bundle is replaced)
 
     say("4/6 gate: a mixed stream of held-out digits and real out-of-distribution images")
     stream = _stream(out / "stream", x[n_train + n_cal:], n_ood, seed, ood_images)

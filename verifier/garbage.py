@@ -41,8 +41,10 @@ class GarbageHead:
         clf.fit((features - self.mean_) / self.scale_, labels)
         coef = np.zeros((self.num_classes + 1, features.shape[1]))
         intercept = np.zeros(self.num_classes + 1)
-        coef[clf.classes_] = clf.coef_ if len(clf.classes_) > 2 else np.vstack([-clf.coef_, clf.coef_])
-        intercept[clf.classes_] = clf.intercept_ if len(clf.classes_) > 2 else [-clf.intercept_[0], clf.intercept_[0]]
+        if len(clf.classes_) > 2:
+            coef[clf.classes_], intercept[clf.classes_] = clf.coef_, clf.intercept_
+        else:  # binary: P(second) = sigmoid(z) = softmax([0, z]), so the first row stays 0
+            coef[clf.classes_[1]], intercept[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
         missing = np.setdiff1d(np.arange(self.num_classes + 1), clf.classes_)
         intercept[missing] = -1e3  # a class never seen in training gets no probability
         self.coef_, self.intercept_ = coef, intercept

@@ -68,10 +68,11 @@ class Gatekeeper:
     @classmethod
     def load(cls, path: str | Path, model: Any = None, alpha: float | None = None,
              device: str | None = None, batch_size: int = 64,
-             spec: ModelSpec | None = None) -> Gatekeeper:
+             spec: ModelSpec | None = None, key: Any = None) -> Gatekeeper:
         """Load a bundle (verifying checksums and the model fingerprint) and open its probe.
-        `spec`: gate with another model file declared compatible (see `Bundle.load`)."""
-        bundle = Bundle.load(path, model=model, spec=spec)
+        `spec`: gate with another model file declared compatible (see `Bundle.load`).
+        `key`: a key file; the bundle must be signed by it (see `Bundle.load`)."""
+        bundle = Bundle.load(path, model=model, spec=spec, key=key)
         return cls(bundle, open_probe(bundle.spec, device=device), alpha=alpha, batch_size=batch_size)
 
     # ------------------------------------------------------------------ public

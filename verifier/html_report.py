@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 from markupsafe import Markup, escape
 
-__all__ = ["Markup", "page", "banner", "section", "table", "fmt", "png_data_uri", "img",
+__all__ = ["Markup", "page", "banner", "section", "table", "fmt", "png_data_uri", "colormap", "COLORMAPS", "img",
            "line_chart_svg", "histogram_svg", "bar_chart_svg", "PALETTE"]
 
 #: series colours, in order (colour-blind safe, Okabe-Ito)
@@ -101,19 +101,17 @@ def fmt(v: object, digits: int = 4) -> str:
 
 def png_data_uri(array: np.ndarray, *, cmap: str = "viridis", vmin: float | None = None,
                  vmax: float | None = None, upscale: int = 1) -> str:
-    """`data:image/png;base64,...` of a (H, W) map through a matplotlib colormap, or of a
+    """`data:image/png;base64,...` of a (H, W) map through a colormap (`COLORMAPS`), or of a
     (H, W, 3|4) uint8 image as is. NaN pixels are transparent; `upscale` repeats pixels."""
     from PIL import Image
 
     a = np.asarray(array)
     if a.ndim == 2:
-        from matplotlib import colormaps  # the colormap registry only: no pyplot, no backend
-
         f = a.astype(np.float64)
         lo = np.nanmin(f) if vmin is None else vmin
         hi = np.nanmax(f) if vmax is None else vmax
         norm = np.clip((f - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(f)
-        rgba = colormaps[cmap](np.nan_to_num(norm), bytes=True)
+        rgba = colormap(np.nan_to_num(norm), cmap)
         rgba[..., 3] = np.where(np.isnan(f), 0, 255)
     elif a.ndim == 3 and a.shape[2] in (3, 4):
         rgba = np.asarray(a, dtype=np.uint8)
@@ -124,6 +122,40 @@ def png_data_uri(array: np.ndarray, *, cmap: str = "viridis", vmin: float | None
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgba)).save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+#: matplotlib's viridis and inferno sampled at 33 evenly spaced points (RGB hex); linear
+#: interpolation between them stays within 4/255 of matplotlib's 256-entry tables, so the
+#: reports need no plotting library
+COLORMAPS = {
+    "viridis": """440154 460c5f 47186a 482273 472c7b 453681 424085 3e4989 3a528b 365a8c 32628d
+        2f6a8d 2c728e 287a8e 26818e 23898d 20908c 1e988a 1e9f88 21a784 28ae7f 32b57a 3ebc73
+        4dc26b 5ec961 70ce56 83d34b 97d83e addc30 c2df22 d7e219 ece41a fde724""",
+    "inferno": """000003 030212 0a0723 140b36 200c4a 2e0a5a 3c0965 4a0b6a 570f6d 63146e 70196e
+        7d1d6c 892269 962666 a32b61 af315b bb3754 c73e4c d14643 db4f3a e45a31 eb6527 f1721d
+        f68012 f98e08 fb9d06 fbac10 fabb21 f8cb34 f4db4b f1e968 f3f689 fcfea4""",
+    "gray": "000000 ffffff",
+}
+
+
+def colormap(values: np.ndarray, name: str = "viridis") -> np.ndarray:
+    """Values in [0, 1] of any shape (...) -> uint8 RGBA (..., 4), alpha 255. Names outside
+    `COLORMAPS` need matplotlib (not a dependency): its colormap registry is used then."""
+    if name not in COLORMAPS:
+        try:
+            from matplotlib import colormaps
+        except ImportError:
+            raise ValueError(f"unknown colormap {name!r}; known without matplotlib: "
+                             f"{sorted(COLORMAPS)}") from None
+        if name not in colormaps:
+            raise ValueError(f"unknown colormap {name!r}")
+        return colormaps[name](np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0), bytes=True)
+    anchors = np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in COLORMAPS[name].split()],
+                       dtype=np.float64)
+    t = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    xs = np.linspace(0.0, 1.0, len(anchors))
+    rgb = np.stack([np.interp(t, xs, anchors[:, c]) for c in range(3)], axis=-1)
+    return np.concatenate([np.round(rgb), np.full((*t.shape, 1), 255.0)], axis=-1).astype(np.uint8)
 
 
 def img(uri: str, alt: str, width: int | None = None) -> Markup:

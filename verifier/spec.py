@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelSpec", "SpecError", "load_spec", "model_fingerprint"]
+__all__ = ["ModelSpec", "SpecError", "load_spec", "model_fingerprint", "external_data_files"]
 
 
 class SpecError(ValueError):
@@ -155,10 +155,48 @@ def model_fingerprint(spec: ModelSpec) -> str:
         return _module_fingerprint(spec.module)
     assert spec.path is not None
     h = hashlib.sha256()
-    with open(spec.path, "rb") as f:
+    _hash_file(h, spec.path)
+    # An ONNX model's external weights are part of the model: hash each (name, bytes).
+    # A model without external data keeps the plain file hash.
+    for name, file in external_data_files(spec.path):
+        h.update(f"\0external:{name}\0".encode("utf-8"))
+        _hash_file(h, file)
+    return "sha256:" + h.hexdigest()
+
+
+def external_data_files(path: str | Path) -> list[tuple[str, Path]]:
+    """(location as written in the model, file) of every external-data file an ONNX model
+    at `path` refers to, sorted; [] for other formats. A location that leaves the model's
+    folder or a missing file is a `SpecError`."""
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        return []
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # a damaged file has no external data; the backend refuses it by name
+        return []
+    names = set()
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            names |= {e.value for e in tensor.external_data if e.key == "location"}
+    out = []
+    for name in sorted(names):
+        file = path.parent / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise SpecError(f"{path}: external data location {name!r} leaves the model's folder")
+        if not file.is_file():
+            raise SpecError(f"{path}: external data file {name!r} is missing (expected at {file})")
+        out.append((Path(name).as_posix(), file))
+    return out
+
+
+def _hash_file(h: Any, path: Path) -> None:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _module_fingerprint(module: Any) -> str:

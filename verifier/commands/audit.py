@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-measures", type=int, default=4,
                    help="of the seven measures, how many must agree (default 4)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--verify-key", metavar="KEY", help="key file: refuse the bundle unless it is signed by this key (HMAC secret or Ed25519 public key; docs/bundle.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..spec import load_spec
 
     try:
-        bundle = Bundle.load(args.bundle)
+        bundle = Bundle.load(args.bundle, key=args.verify_key)
         candidate = load_spec(args.spec)
     except (ValueError, OSError) as e:
         return _error(str(e))

@@ -6,6 +6,11 @@ DATA and CALIBRATION are folders laid out DIR/<class name>/<images> or CSV files
 with a `path,label` header. Without --calibration, a stratified fraction of DATA
 is held out (--calibration-fraction). Calibration images must not have been used
 to train the model: they stand for the images the gate will see.
+
+--out must be a new or empty folder; an existing bundle is replaced only with
+--overwrite, and no other folder is ever deleted. --sign-key signs the bundle so
+gate/audit/drift/serve --verify-key and `verifier verify --key` can check who issued it.
+Exit code 0 built, 2 error.
 """
 from __future__ import annotations
 
@@ -31,7 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pac only: allowed probability of an unlucky calibration draw (default 0.1)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--out", required=True, help="bundle directory to write: new or empty; an "
+                   "existing bundle only with --overwrite; any other folder is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the bundle at --out (only a folder holding a bundle this tool wrote)")
+    p.add_argument("--sign-key", metavar="KEY", help="sign the bundle: a file of at least 16 random "
+                   "bytes (HMAC-SHA256) or a PEM Ed25519 private key (docs/bundle.md)")
     p.add_argument("--json", action="store_true", help="print the build figures as JSON")
 
 
@@ -43,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     bundle = build_bundle(spec, args.data, args.out, calibration=args.calibration,
                           calibration_fraction=args.calibration_fraction, garbage=args.garbage,
                           alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
-                          progress=True, guarantee=args.guarantee, delta=args.delta)
+                          progress=True, guarantee=args.guarantee, delta=args.delta,
+                          overwrite=args.overwrite, sign_key=args.sign_key)
     figures = bundle.info["build"]
     if args.json:
         print(json.dumps({"bundle": str(args.out), "bundle_id": bundle.bundle_id,

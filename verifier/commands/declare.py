@@ -20,7 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, nargs="+", metavar="INPUT",
                    help="in-distribution images to check parity on (files or folders)")
     p.add_argument("--label", help="name of the declaration (default: the other model's file name)")
-    p.add_argument("--out", help="write the declared bundle here instead of updating --bundle")
+    p.add_argument("--out", help="write the declared bundle here (a new or empty folder) instead of updating --bundle")
+    p.add_argument("--verify-key", metavar="KEY", help="key file: refuse the bundle unless it is signed by this key (HMAC secret or Ed25519 public key; docs/bundle.md)")
+    p.add_argument("--sign-key", metavar="KEY", help="sign the declared bundle with this key file "
+                   "(required when the bundle is signed: declaring never strips a signature)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from ..spec import load_spec
 
     other = load_spec(args.spec)
-    record = declare_compatible(args.bundle, other, args.data, label=args.label, out=args.out)
+    record = declare_compatible(args.bundle, other, args.data, label=args.label, out=args.out,
+                                key=args.verify_key, sign_key=args.sign_key)
     print(json.dumps(record, default=str))
     return 0

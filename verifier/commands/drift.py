@@ -33,13 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="effect floor for score tests: Wasserstein distance in calibration SDs (0.1)")
     p.add_argument("--min-class-shift", type=float, default=0.05,
                    help="effect floor for the class test: total-variation distance (0.05)")
+    p.add_argument("--verify-key", metavar="KEY", help="key file: refuse the bundle unless it is signed by this key (HMAC secret or Ed25519 public key; docs/bundle.md)")
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.family_alpha < 1 or args.days < 1:
         return _error("--family-alpha must be in (0, 1) and --days >= 1")
     try:
-        reference = _load_reference(Path(args.bundle))
+        # (one argument without a key: tests stand in for _load_reference with a stub)
+        reference = (_load_reference(Path(args.bundle)) if args.verify_key is None
+                     else _load_reference(Path(args.bundle), args.verify_key))
     except Exception as e:  # any bundle problem is the user's to fix: say which
         return _error(f"cannot load bundle {args.bundle}: {e}")
     config = DriftConfig(family_alpha=args.family_alpha, trend_days=args.days,
@@ -62,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_ALERT if report.alert else EXIT_OK
 
 
-def _load_reference(path: Path) -> DriftReference:
+def _load_reference(path: Path, key: str | None = None) -> DriftReference:
     from ..bundle import Bundle  # the lead's module; imported late so --help works without it
 
-    return DriftReference.from_bundle(Bundle.load(path, check_model=False))
+    return DriftReference.from_bundle(Bundle.load(path, check_model=False, key=key))
 
 
 def _day(s: str) -> date:

@@ -24,13 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="override the bundle's target false-rejection rate")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="cpu or cuda (default: the model's)")
+    p.add_argument("--verify-key", metavar="KEY", help="key file: refuse the bundle unless it is signed by this key (HMAC secret or Ed25519 public key; docs/bundle.md)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..gate import Gatekeeper
     from ..spec import load_spec
 
-    gate = Gatekeeper.load(args.bundle, spec=load_spec(args.spec) if args.spec else None, alpha=args.alpha, device=args.device, batch_size=args.batch_size)
+    gate = Gatekeeper.load(args.bundle, spec=load_spec(args.spec) if args.spec else None, alpha=args.alpha, device=args.device, batch_size=args.batch_size,
+                           key=args.verify_key)
     decisions = gate.gate(args.inputs, log=args.log, progress=not args.json)
     if args.json:
         for d in decisions:

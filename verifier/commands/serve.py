@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="drift report HTML (or a folder of them: the newest) linked from /review")
     p.add_argument("--review-keep", type=int, default=24,
                    help="rejected images kept in memory for /review (default 24)")
+    p.add_argument("--verify-key", metavar="KEY", help="key file: refuse the bundle unless it is signed by this key (HMAC secret or Ed25519 public key; docs/bundle.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from ..gate import Gatekeeper
     from ..spec import load_spec
 
-    gate = Gatekeeper.load(args.bundle, spec=load_spec(args.spec) if args.spec else None, alpha=args.alpha)
+    gate = Gatekeeper.load(args.bundle, spec=load_spec(args.spec) if args.spec else None, alpha=args.alpha,
+                           key=args.verify_key)
     print(f"verifier serving bundle {gate.bundle.bundle_id} on http://{args.host}:{args.port} "
           "(POST /v1/gate; /review, /metrics, /docs); SIGTERM or Ctrl-C stops and flushes the log",
           file=sys.stderr, flush=True)
