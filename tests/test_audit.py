@@ -62,9 +62,9 @@ def shortcut_result(mnist, reference):
 def partial_shortcut(mnist):
     """Trained with the class-coded marker on half of its images: it reads the digit too."""
     x, y = mnist
-    torch.manual_seed(4)
-    return train_classifier(SmallCNN(head="gap"), add_cue(x[TRAIN], y[TRAIN], "marker", 0.5, seed=4),
-                            y[TRAIN], epochs=4, seed=4)
+    torch.manual_seed(5)
+    return train_classifier(SmallCNN(head="gap"), add_cue(x[TRAIN], y[TRAIN], "marker", 0.5, seed=5),
+                            y[TRAIN], epochs=4, seed=5)
 
 
 def test_retrained_candidate_passes(seed_result):

@@ -38,7 +38,7 @@ CHECK_NAMES = ("evidence_region_swap", "accuracy", "attention_per_image", "atten
 #: the evidence check fails when the candidate's probability of the swapped-in class rises more
 #: than the reference's by this much on average (and significantly): measured in
 #: benchmarks/audit_accuracy.py, see docs/audit.md
-SHIFT_FLOOR = 0.05
+SHIFT_FLOOR = 0.04
 
 #: a candidate's early channels count as corresponding to the reference's when at least this
 #: share of them has its best-correlated reference channel at the same index

@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the region-swap test splits each image into GRID x GRID cells (default 7)")
     p.add_argument("--swap-floor", type=float, default=None,
                    help="largest mean excess rise of the swapped-in class's probability over the "
-                        "reference's that still passes (default 0.05; docs/audit.md)")
+                        "reference's that still passes (default 0.04; docs/audit.md)")
     p.add_argument("--attention-decides", action="store_true",
                    help="let the seven-measure Grad-CAM checks decide the verdict (only for "
                         "candidates of the reference's architecture; reported either way)")
