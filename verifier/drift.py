@@ -193,11 +193,19 @@ class DriftReport:
     def reasons(self) -> list[str]:
         return [_reason(t, self.alpha) for t in self.tests if t.alert]
 
+    @property
+    def summary(self) -> list[str]:
+        """A few sentences a person acts on: what moved, how much, which classes, since when."""
+        from .drift_summary import summarize
+
+        return summarize(self)
+
     def to_dict(self) -> dict[str, Any]:
         return {"alert": self.alert, "day": self.day.isoformat(), "n": self.n,
                 "rejected": self.sample.rejected, "errors": self.sample.errors,
                 "bundle_id": self.bundle_id, "alpha": self.alpha,
                 "family_alpha": self.config.family_alpha, "correction": "holm",
+                "summary": self.summary,
                 "tests": [t.to_dict() for t in self.tests], "reasons": self.reasons,
                 "trend": [p.to_dict() for p in self.trend],
                 "most_rejected": self.most_rejected, "notes": self.notes}
@@ -525,22 +533,23 @@ def render_html(report: DriftReport) -> str:
     """One self-contained page: verdict, trend, score distributions, class mix, top rejects."""
     from . import html_report as h
 
+    from .drift_summary import headline
+
     r = report
-    if r.alert:
-        top = h.banner("alert", f"ALERT: drift on {r.day}", r.reasons)
-    else:
-        top = h.banner("ok", f"No alert on {r.day}",
-                       [f"{len(r.tests)} tests, family-wise false-alarm rate per night "
-                        f"<= {r.config.family_alpha:g} (Holm)"])
+    # the verdict box is for the person on call: a few sentences, not the test table
+    top = h.banner("alert" if r.alert else "ok", headline(r), r.summary)
     facts = h.table(["day", "bundle", "decisions", "rejected", "errors", "alpha"],
                     [[r.day.isoformat(), r.bundle_id, r.n, r.sample.rejected, r.sample.errors,
                       r.alpha]])
+    ordered = sorted(r.tests, key=lambda t: not t.alert)  # alerting tests first, stable
     tests = h.table(
         ["test", "statistic", "value", "p-value", "Holm level", "effect", "effect size", "floor",
          "alert"],
         [[t.name, t.statistic_name, t.statistic, t.p_value, t.threshold, t.effect_size_name,
-          t.effect_size, t.effect_floor, "ALERT" if t.alert else ""] for t in r.tests],
-        highlight=[t.alert for t in r.tests])
+          t.effect_size, t.effect_floor, "ALERT" if t.alert else ""] for t in ordered],
+        highlight=[t.alert for t in ordered])
+    why = h.Markup("<ul>{}</ul>").format(h.Markup("").join(
+        h.Markup("<li>{}</li>").format(x) for x in r.reasons)) if r.reasons else ""
     labels = [p.day.isoformat()[5:] for p in r.trend]
     trend = h.line_chart_svg(
         labels, {"daily rejection rate": [p.rate for p in r.trend]},
@@ -582,12 +591,14 @@ def render_html(report: DriftReport) -> str:
         h.Markup("<li>{}</li>").format(n) for n in r.notes))) if r.notes else ""
     return h.page(
         f"Drift report {r.day}", top, facts,
+        h.section("Tests of the night", why, tests,
+                  note=f"{len(r.tests)} tests, alerting ones first. Each p-value is compared with "
+                       f"its Holm level (family-wise false-alarm rate per night <= "
+                       f"{r.config.family_alpha:g}); a test alerts only when significant and its "
+                       "effect size reaches the floor."),
         h.section("Rejection rate trend", trend, trend_rows,
                   note=f"Daily rejection rate over the last {r.config.trend_days} days; the shaded "
                        f"band is alpha +/- 3 binomial SD (p-chart), a red ring marks a day above it."),
-        h.section("Tests of the night", tests,
-                  note="Each p-value is compared with its Holm level; a test alerts only when "
-                       "significant and its effect size reaches the floor."),
         h.section("Score distributions: day vs calibration", h.Markup('<div class="grid">{}</div>')
                   .format(h.Markup("").join(cards)),
                   note="Red dashed line: the calibration tail threshold of the tail test."),
