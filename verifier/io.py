@@ -549,7 +549,21 @@ def _suffix_list() -> str:
 # ---------------------------------------------------------------- decoders
 
 def _decode_bytes(data: bytes, path: Path, max_pixels: int, name: str | None = None) -> np.ndarray:
-    name = name or str(path)
+    """Decode with the decoder the bytes (or the suffix) call for; whatever a third-party
+    decoder raises on damaged bytes (TypeError, KeyError, RecursionError, ...) is this
+    input's `InputError`, never another exception type."""
+    name = name or safe_name(path)
+    try:
+        return _dispatch(data, path, max_pixels, name)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - found by fuzzing: Pillow/pydicom raise many types
+        msg = " ".join(str(e).split())[:200]
+        raise InputError(safe_name(f"{name}: corrupt or unsupported image data "
+                                   f"({type(e).__name__}: {msg})")) from None
+
+
+def _dispatch(data: bytes, path: Path, max_pixels: int, name: str) -> np.ndarray:
     suffix = path.suffix.lower()
     if data[:6] == _NPY_MAGIC:
         return _decode_npy(data, name, max_pixels)
