@@ -186,3 +186,32 @@ def test_progress_total_counts_folder_contents(tmp_path, digit, monkeypatch):
     bar = _progress(True, [tmp_path / "f", tmp_path / "x.png"])
     assert bar.total == 4
     bar.close()
+
+
+@pytest.mark.parametrize("mode,channels", [("L", 1), ("L", 3), ("RGB", 1), ("RGB", 3),
+                                           ("I;16", 1), ("1", 1)])
+def test_large_images_resized_strip_by_strip_match_the_plain_path(tmp_path, monkeypatch, mode,
+                                                                  channels):
+    """The low-memory path for big images (forced here on real 512 x 512 photos, in strips of
+    a few rows) gives the numbers of decode_image + preprocess."""
+    import skimage.data
+
+    import verifier.io as vio
+
+    src = skimage.data.astronaut() if mode == "RGB" else skimage.data.camera()
+    img = Image.fromarray(src.astype(np.uint16) * 257) if mode == "I;16" else \
+        Image.fromarray(src).convert(mode)
+    path = tmp_path / "big.png"
+    img.crop((0, 0, 512, 384)).save(path)  # not square, so height and width cannot mix up
+    spec = ModelSpec(classes=("a",), size=(60, 44), channels=channels, mean=(0.2,) * channels,
+                     std=(0.5,) * channels, module=object())
+    plain = vio.preprocess([decode_image(path)], spec)[0]
+    monkeypatch.setattr(vio, "STREAM_MIN_PIXELS", 1)
+    monkeypatch.setattr(vio, "_STRIP_BYTES", 512 * 4 * 3 * 7)  # 7-row strips: 55 of them
+    calls = []
+    real = vio._resize_strips
+    monkeypatch.setattr(vio, "_resize_strips", lambda *a: calls.append(1) or real(*a))
+    [rec] = load_images([path], spec, workers=1)
+    assert calls, "the strip path was not taken"
+    assert rec.ok and rec.pixels.shape == plain.shape == (channels, 60, 44)
+    np.testing.assert_allclose(rec.pixels, plain, atol=2e-5, rtol=0)

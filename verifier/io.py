@@ -464,7 +464,12 @@ def _load_one(item: _Item, spec: ModelSpec, max_pixels: int) -> LoadedImage:
             assert obj is not None
             data = _read_bytes(obj, source)
             digest = "sha256:" + hashlib.sha256(data).hexdigest()
-            img = _decode_bytes(data, obj, max_pixels, source)
+            # a large Pillow image comes back already resized, strip by strip from its
+            # 8/16-bit pixels, with no full-size float copy (0.8 GB each at 64 Mpx RGB)
+            img, done = _decode_bytes_for_spec(data, obj, max_pixels, source, spec)
+            del data
+            if done:
+                return LoadedImage(source, img, digest, None, label)
         # preprocessed here, one by one, so only spec-sized pixels outlive the worker:
         # a batch of full-resolution radiographs never sits in memory at once
         pixels = preprocess([img], spec)[0]
@@ -563,6 +568,31 @@ def _decode_bytes(data: bytes, path: Path, max_pixels: int, name: str | None = N
                                    f"({type(e).__name__}: {msg})")) from None
 
 
+def _decode_bytes_for_spec(data: bytes, path: Path, max_pixels: int, name: str,
+                           spec: ModelSpec) -> tuple[np.ndarray, bool]:
+    """(pixels, True) preprocessed `(C, h, w)` for a large Pillow image in a plain mode,
+    else (decoded image, False) as `_decode_bytes` gives it."""
+    try:
+        if _pillow_decodes(data, path):
+            out = _pillow_to_spec(data, name, max_pixels, spec)
+            if out is not None:
+                return out, True
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as in _decode_bytes
+        msg = " ".join(str(e).split())[:200]
+        raise InputError(safe_name(f"{name}: corrupt or unsupported image data "
+                                   f"({type(e).__name__}: {msg})")) from None
+    return _decode_bytes(data, path, max_pixels, name), False
+
+
+def _pillow_decodes(data: bytes, path: Path) -> bool:
+    """Whether `_dispatch` hands these bytes to Pillow (not .npy, not DICOM)."""
+    suffix = path.suffix.lower()
+    return not (data[:6] == _NPY_MAGIC or data[128:132] == b"DICM"
+                or suffix in _DICOM_SUFFIXES or suffix == ".npy")
+
+
 def _dispatch(data: bytes, path: Path, max_pixels: int, name: str) -> np.ndarray:
     suffix = path.suffix.lower()
     if data[:6] == _NPY_MAGIC:
@@ -587,7 +617,88 @@ def _decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
 
 
 def _decode_pillow(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
+
+    with _open_pillow(data, name, max_pixels) as im:
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _pil_to_float(im, name)
+        except InputError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise InputError(f"{name}: truncated or corrupt image data ({e})") from None
+
+
+#: images with at least this many pixels take the strip-wise path of `_pillow_to_spec`
+STREAM_MIN_PIXELS: int = 1 << 22
+#: float32 bytes per strip in that path (the strip height follows from the width)
+_STRIP_BYTES: int = 1 << 24
+_STREAM_MODES = frozenset({"L", "RGB", "I;16", "I;16B", "I;16L", "I;16N", "I", "1", "F"})
+
+
+def _pillow_to_spec(data: bytes, name: str, max_pixels: int, spec: ModelSpec) -> np.ndarray | None:
+    """A large image straight to float32 `(C, h, w)` for `spec`, or None for the plain path.
+
+    Same numbers as `preprocess(decode_image(...))` up to float32 rounding: the two
+    resize matrices are applied strip by strip (rows of the image, converted to float
+    only a strip at a time), so peak memory is the decoded 8/16-bit image plus one strip.
+    Palette / alpha / CMYK modes and EXIF-rotated files take the plain path.
+    """
+    with _open_pillow(data, name, max_pixels) as im:
+        width, height = im.size
+        if width * height < STREAM_MIN_PIXELS or im.mode not in _STREAM_MODES \
+                or im.getexif().get(0x0112, 1) not in (None, 1):
+            return None
+        try:
+            im.load()
+            return _resize_strips(im, spec, name)
+        except InputError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise InputError(f"{name}: truncated or corrupt image data ({e})") from None
+
+
+def _resize_strips(im: Any, spec: ModelSpec, name: str) -> np.ndarray:
+    width, height = im.size
+    (h, w), c = spec.size, spec.channels
+    rh, rw = _bilinear_matrix(height, h), _bilinear_matrix(width, w)
+    color = im.mode == "RGB"
+    k = 3 if color and c == 3 else 1
+    acc = np.zeros((k, h, w), dtype=np.float32)
+    rows = max(1, _STRIP_BYTES // (width * (3 if color else 1) * 4))
+    for y0 in range(0, height, rows):
+        y1 = min(height, y0 + rows)
+        x = _strip_to_float(np.asarray(im.crop((0, y0, width, y1))), im.mode, name)
+        if color:  # (s, W, 3) -> (k, s, W): luma here, before resizing, as _to_channels does
+            x = np.tensordot(x, _LUMA, axes=([2], [0]))[None] if c == 1 else np.moveaxis(x, -1, 0)
+        else:
+            x = x[None]
+        acc += rh[:, y0:y1] @ (x @ rw.T)  # (h, s) @ (k, s, w) -> (k, h, w)
+    out = np.empty((c, h, w), dtype=np.float32)
+    out[:] = acc  # gray replicated to c channels after resizing, as in preprocess
+    out -= np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    out /= np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return out
+
+
+def _strip_to_float(a: np.ndarray, mode: str, name: str) -> np.ndarray:
+    """One strip of raw pixels -> float32 in [0, 1] by the rules of `_pil_to_float`."""
+    if mode in ("L", "RGB"):
+        return a.astype(np.float32) / np.float32(255.0)
+    if mode == "1":
+        return a.astype(np.float32)
+    if mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+        raise InputError(f"{name}: 32-bit integer pixels outside the 16-bit range "
+                         f"[{a.min()}, {a.max()}]")
+    if mode == "F":
+        return pixels_from_array(a, max_pixels=a.size, name=name)
+    return a.astype(np.float32) / np.float32(65535.0)  # I;16 variants and in-range I
+
+
+def _open_pillow(data: bytes, name: str, max_pixels: int) -> Any:
+    """Open (header only) with the geometry and page checks; the caller closes it."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         # Pillow's own bomb check (a warning above Image.MAX_IMAGE_PIXELS, an error at
@@ -601,19 +712,15 @@ def _decode_pillow(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         raise InputError(f"{name}: image too large ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{name}: corrupt image header ({e})") from None
-    with im:
+    try:
         w, h = im.size
         _check_geometry(h, w, max_pixels, name)
         if getattr(im, "n_frames", 1) > 1:
             raise InputError(f"{name}: multi-page image ({im.n_frames} frames); give one image per file")
-        try:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _pil_to_float(im, name)
-        except InputError:
-            raise
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise InputError(f"{name}: truncated or corrupt image data ({e})") from None
+    except BaseException:
+        im.close()
+        raise
+    return im
 
 
 def _pil_to_float(im: Any, name: str) -> np.ndarray:
