@@ -196,3 +196,32 @@ def test_killed_gate_run_keeps_every_decision_it_printed(file_bundle, mnist, tmp
     assert len(logged) == len(set(logged)) and len(logged) % 8 == 0  # whole batches only
     assert printed_inputs <= set(logged)  # rows lost: none of what was decided and shown
     assert 40 <= len(logged) < 1400  # it really was killed midway
+
+
+def test_cli_non_utf8_name_gated_printed_and_logged(file_bundle, mnist, tmp_path) -> None:
+    """The issue's run: `gate --json --log` on a folder holding a file whose name is not UTF-8
+    (it used to exit 2 with 0 records and nothing logged)."""
+    import json
+
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(mnist[0][4000 + i]).save(folder / f"d{i}.png")
+    Image.fromarray(mnist[0][4003]).save(os.fsencode(folder) + b"/\xff\xfe scan.png")
+    os.symlink("loop", folder / "loop")
+    log = tmp_path / "log"
+    res = subprocess.run([sys.executable, "-m", "verifier.cli", "gate", "--bundle",
+                          str(file_bundle), os.fsencode(folder), "--json", "--log", str(log)],
+                         capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-500:]
+    lines = [json.loads(line) for line in res.stdout.decode("utf-8").splitlines()]
+    assert len(lines) == 5
+    by_name = {Path(d["input"]).name: d for d in lines}
+    assert by_name["\\xff\\xfe scan.png"]["error"] is None
+    assert "link loop" in by_name["loop"]["error"]
+    with duckdb.connect() as con:
+        logged = con.execute(f"SELECT input FROM read_parquet('{log.as_posix()}/**/*.parquet')"
+                             ).fetchall()
+    assert sorted(r[0] for r in logged) == sorted(d["input"] for d in lines)
