@@ -151,8 +151,8 @@ def read_artifact(path: str | os.PathLike[str], *, kind: str,
         raise ArtifactError(f"{path} is not a {kind}: it has no {MANIFEST_NAME}")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nesting: fuzzing
+        raise ArtifactError(f"{mpath} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{mpath} must hold a JSON object")
     actual = manifest.get("kind")

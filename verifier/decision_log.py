@@ -1,15 +1,19 @@
 """The decision log: append-only Parquet files under `LOG/date=YYYY-MM-DD/`, one row per decision.
 
-Each append writes a dot-prefixed temporary file, fsyncs it and renames it into place, so
-readers (DuckDB, pyarrow) never see a half file and concurrent writers never collide.
+Each append writes a hidden temporary file (`.part-*.parquet.tmp`, outside a reader's
+`**/*.parquet` glob), fsyncs it and renames it into place, so readers (DuckDB, pyarrow) never
+see a half file and concurrent writers never collide. Parts carry Parquet page checksums;
+`check` / `read` verify them and name every damaged or foreign file.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
+import time as _time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -21,8 +25,8 @@ import pyarrow.parquet as pq
 
 from .decision import Decision
 
-__all__ = ["DecisionLog", "LogError", "FIXED_SCHEMA", "log_schema", "decisions_to_table",
-           "SCORE_PREFIX", "PVALUE_PREFIX"]
+__all__ = ["DecisionLog", "LogError", "LogHealth", "FIXED_SCHEMA", "log_schema",
+           "decisions_to_table", "SCORE_PREFIX", "PVALUE_PREFIX", "STALE_TEMP_SECONDS"]
 
 SCORE_PREFIX = "score_"   # raw measure, direction given by the bundle's higher_is_worse
 PVALUE_PREFIX = "p_"      # per-score conformal p-value, higher = more in-distribution
@@ -44,10 +48,43 @@ FIXED_SCHEMA = pa.schema([
 
 _PART_GLOB = "part-*.parquet"
 _DAY_DIR = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+#: this tool's temporaries: today's `.part-*.parquet.tmp`, and `.tmp-part-*.parquet` of older
+#: versions (those matched a `**/*.parquet` glob, which is why the name changed)
+_TEMP_NAME = re.compile(r"^(\.part-.+\.parquet\.tmp|\.tmp-part-.+\.parquet)$")
+#: key of the parts' metadata holding a sha256 of their rows: page checksums cover the data
+#: pages, not the footer, and a flipped bit there (a column's type or repetition) would
+#: otherwise decode into different rows without an error
+_ROWS_DIGEST = b"verifier.rows_sha256"
+#: a temporary older than this is left by a killed writer (a live one renames within seconds)
+STALE_TEMP_SECONDS: float = 60.0
 
 
 class LogError(RuntimeError):
     """The log cannot be read or written as asked (missing folder, corrupt file, bad rows)."""
+
+
+@dataclass
+class LogHealth:
+    """What `DecisionLog.check` found: (path, reason) of damaged and of foreign files.
+
+    corrupt: parts that fail to read (footer, page headers, page checksums, decoding);
+    foreign: files in a day folder that are not this log's parts (other names, other schema);
+    temporaries: this tool's unfinished temporary files still present (a writer at work, or
+    killed less than `STALE_TEMP_SECONDS` ago).
+    """
+
+    corrupt: list[tuple[Path, str]] = field(default_factory=list)
+    foreign: list[tuple[Path, str]] = field(default_factory=list)
+    temporaries: list[Path] = field(default_factory=list)
+
+    @property
+    def bad(self) -> set[Path]:
+        """Every part a reader should leave out."""
+        return {p for p, _ in self.corrupt} | {p for p, _ in self.foreign}
+
+    def messages(self) -> list[str]:
+        return ([f"damaged part {p}: {m}" for p, m in self.corrupt]
+                + [f"foreign file {p}: {m}" for p, m in self.foreign])
 
 
 def log_schema(score_names: Sequence[str], pvalue_names: Sequence[str]) -> pa.Schema:
@@ -75,7 +112,7 @@ def decisions_to_table(decisions: Sequence[Decision], *, bundle_id: str, alpha: 
     schema = log_schema(score_names, pvalue_names)
     cols: dict[str, list] = {
         "time": times,
-        "input": [d.input for d in decisions],
+        "input": [_text(d.input) for d in decisions],
         "digest": [d.digest for d in decisions],
         "bundle_id": [bundle_id] * n,
         "alpha": [float(alpha)] * n,
@@ -84,7 +121,7 @@ def decisions_to_table(decisions: Sequence[Decision], *, bundle_id: str, alpha: 
         "decision": [_decision(d.decision) for d in decisions],
         "p_value": [_num(d.p_value) for d in decisions],
         "reasons": [list(d.reasons) for d in decisions],
-        "error": [d.error for d in decisions],
+        "error": [None if d.error is None else _text(d.error) for d in decisions],
     }
     for name in score_names:
         cols[SCORE_PREFIX + name] = [_num(d.scores.get(name)) for d in decisions]
@@ -98,6 +135,7 @@ class DecisionLog:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._swept: set[Path] = set()  # day folders already cleaned of stale temporaries
 
     # -- writing ---------------------------------------------------------------------------
     def append(self, decisions: Sequence[Decision], *, bundle_id: str, alpha: float,
@@ -119,8 +157,27 @@ class DecisionLog:
             mask = pa.array(days == day)
             part = table.filter(mask) if len(np.unique(days)) > 1 else table
             folder = self.root / f"date={np.datetime_as_string(day, unit='D')}"
+            if folder not in self._swept:  # once per folder and log object: appends stay cheap
+                self.clean_stale_temporaries([folder])
+                self._swept.add(folder)
             written.append(_write_atomic(part, folder))
         return written
+
+    def clean_stale_temporaries(self, folders: Iterable[Path] | None = None,
+                                max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+        """Delete this tool's temporary files older than `max_age` seconds (left by killed
+        writers); nothing else is touched. Returns the files removed."""
+        removed = []
+        now = _time.time()
+        for folder in (self._day_folders() if folders is None else folders):
+            for p in _temporaries(folder):
+                try:
+                    if now - p.lstat().st_mtime > max_age:
+                        p.unlink()
+                        removed.append(p)
+                except FileNotFoundError:  # its writer renamed it, or another cleaner won
+                    continue
+        return removed
 
     # -- reading ---------------------------------------------------------------------------
     def days(self) -> list[date]:
@@ -143,16 +200,19 @@ class DecisionLog:
         return sorted(p for f in folders if f.is_dir() for p in f.glob(_PART_GLOB))
 
     def connect(self, days: Sequence[date] | None = None,
-                con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+                con: duckdb.DuckDBPyConnection | None = None,
+                exclude: Iterable[Path] = ()) -> duckdb.DuckDBPyConnection:
         """A DuckDB connection with a view `decisions` over the parts of `days` (or all).
 
         The view has every log column plus the hive partition column `date` (DATE).
         Parts written with different score sets are unioned by name (missing = NULL).
-        Restricting to `days` means DuckDB opens only those folders' files.
+        Restricting to `days` means DuckDB opens only those folders' files; `exclude`
+        leaves out parts `check` found damaged or foreign.
         """
         if not self.root.is_dir():
             raise LogError(f"decision log folder not found: {self.root}")
-        files = self.files(days)
+        skip = set(exclude)
+        files = [p for p in self.files(days) if p not in skip]
         if not files:
             which = "any day" if days is None else ", ".join(d.isoformat() for d in days)
             raise LogError(f"no decision-log parts for {which} under {self.root}")
@@ -179,14 +239,60 @@ class DecisionLog:
             con.close()
 
     def corrupt_files(self, days: Sequence[date] | None = None) -> list[tuple[Path, str]]:
-        """Parts whose Parquet footer cannot be read, with the reader's message."""
-        bad = []
-        for p in self.files(days):
+        """Parts that cannot be read back intact (page checksums verified), with the reason."""
+        return self.check(days).corrupt
+
+    def check(self, days: Sequence[date] | None = None) -> LogHealth:
+        """Read every file of the day folders of `days` (or all) and say what is wrong.
+
+        Each part is read in full with its page checksums verified (a flipped bit in the
+        data is caught, not decoded into wrong numbers) and its schema checked against
+        the log's; any other file in a day folder is reported as foreign.
+        """
+        health = LogHealth()
+        folders = self._day_folders(days)
+        for folder in folders:
             try:
-                pq.ParquetFile(p).metadata  # noqa: B018 - reading the footer is the check
-            except Exception as e:  # pyarrow raises several types for damaged files
-                bad.append((p, str(e).splitlines()[0] if str(e) else type(e).__name__))
-        return bad
+                entries = sorted(folder.iterdir())
+            except OSError as e:
+                health.corrupt.append((folder, f"cannot list folder ({e.strerror or e})"))
+                continue
+            for p in entries:
+                if _TEMP_NAME.match(p.name):
+                    health.temporaries.append(p)
+                elif p.name.startswith("."):
+                    continue
+                elif not (p.match(_PART_GLOB) and p.is_file()):
+                    health.foreign.append((p, "not a decision-log part (expected part-*.parquet)"))
+                else:
+                    kind, msg = _verify_part(p)
+                    if kind:
+                        (health.corrupt if kind == "corrupt" else health.foreign).append((p, msg))
+        return health
+
+    def read(self, days: Sequence[date] | None = None, columns: Sequence[str] | None = None,
+             ) -> pa.Table:
+        """Every row of `days` (or all) as one Arrow table, parts verified first.
+
+        Raises `LogError` naming each damaged or foreign part; nothing is read back silently.
+        Parts with different score sets are unified by name (missing = null).
+        """
+        health = self.check(days)
+        if health.corrupt or health.foreign:
+            raise LogError("decision log holds unusable file(s): " + "; ".join(health.messages()[:5]))
+        files = self.files(days)
+        if not files:
+            raise LogError(f"no decision-log parts under {self.root}")
+        tables = [pq.read_table(p, columns=list(columns) if columns else None,
+                                page_checksum_verification=True) for p in files]
+        return pa.concat_tables(tables, promote_options="default")
+
+    def _day_folders(self, days: Sequence[date] | None = None) -> list[Path]:
+        if days is None:
+            if not self.root.is_dir():
+                return []
+            return sorted(p for p in self.root.iterdir() if _DAY_DIR.match(p.name) and p.is_dir())
+        return [f for f in (self.root / f"date={d.isoformat()}" for d in days) if f.is_dir()]
 
     def _explain(self, files: Sequence[Path], err: Exception) -> LogError:
         # DuckDB's message does not always say which file is broken; find it for the user.
@@ -199,14 +305,20 @@ class DecisionLog:
 
 # -- helpers ------------------------------------------------------------------------------
 def _write_atomic(table: pa.Table, folder: Path) -> Path:
-    """Write to `.tmp-<final name>`, fsync, rename; a crash leaves only an ignored dot-file."""
+    """Write to `.<final name>.tmp`, fsync, rename; a crash leaves only a hidden `.tmp` file
+    that no `*.parquet` glob matches, and that a later append removes once stale."""
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     final = folder / f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex}.parquet"
-    tmp = folder / f".tmp-{final.name}"
+    tmp = folder / f".{final.name}.tmp"
     try:
+        meta = dict(table.schema.metadata or {})
+        meta[_ROWS_DIGEST] = _rows_digest(table).encode()
         with open(tmp, "wb") as fh:
-            pq.write_table(table, fh)
+            # no min/max statistics: nothing covers them, and a reader that prunes with them
+            # (DuckDB) would skip rows silently if one were damaged; date folders prune instead
+            pq.write_table(table.replace_schema_metadata(meta), fh, write_page_checksum=True,
+                           write_statistics=False)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -215,6 +327,53 @@ def _write_atomic(table: pa.Table, folder: Path) -> Path:
         raise
     _fsync_dir(folder)  # make the rename itself durable
     return final
+
+
+def _verify_part(path: Path) -> tuple[str | None, str]:
+    """("corrupt" | "foreign" | None, reason): read the whole part with checksums verified."""
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ... for damage
+        msg = " ".join(str(e).split())[:300]
+        return "corrupt", msg or type(e).__name__
+    try:
+        _check_table(table)
+    except LogError as e:
+        return "foreign", f"schema is not the decision log's ({e})"
+    except Exception as e:  # noqa: BLE001 - e.g. a column name damaged into invalid UTF-8
+        return "corrupt", f"unreadable schema ({type(e).__name__}: {e})"
+    stored = (table.schema.metadata or {}).get(_ROWS_DIGEST)
+    if stored is not None and stored != _rows_digest(table).encode():
+        return "corrupt", "rows do not match the checksum written with them (damaged)"
+    return None, ""  # no digest: a part from before digests were written; pages still checked
+
+
+def _rows_digest(table: pa.Table) -> str:
+    """sha256 over every column's name, type, validity and values, stable across a Parquet
+    round trip (chunking and schema metadata do not enter it)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for name, col in zip(table.schema.names, table.columns):
+        arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+        # a list's item field is named 'item' in memory and 'element' after Parquet
+        kind = f"list<{arr.type.value_type}>" if pa.types.is_list(arr.type) else str(arr.type)
+        h.update(f"{name}\x00{kind}\x00".encode())
+        if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) \
+                or pa.types.is_timestamp(arr.type):
+            h.update(np.asarray(arr.is_valid()).tobytes())
+            h.update(pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).tobytes())
+        else:  # strings, lists of strings: small per row, JSON is canonical enough
+            h.update(json.dumps(arr.to_pylist(), ensure_ascii=True).encode())
+    return h.hexdigest()
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if _TEMP_NAME.match(p.name)]
+    except OSError:
+        return []
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -269,6 +428,19 @@ def _num(v: float | None) -> float | None:
         return None
     v = float(v)
     return v if math.isfinite(v) else None
+
+
+def _text(s: str) -> str:
+    """Valid UTF-8 for Arrow: a name holding undecodable file-name bytes (lone surrogates)
+    has them escaped as `\\xNN`, as `verifier.io.safe_name` does for inputs it reads."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        try:
+            return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _sql_str(s: str) -> str:

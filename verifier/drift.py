@@ -7,8 +7,10 @@ uniformity of the combined p-values, and predicted-class frequencies. See docs/d
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -191,11 +193,19 @@ class DriftReport:
     def reasons(self) -> list[str]:
         return [_reason(t, self.alpha) for t in self.tests if t.alert]
 
+    @property
+    def summary(self) -> list[str]:
+        """A few sentences a person acts on: what moved, how much, which classes, since when."""
+        from .drift_summary import summarize
+
+        return summarize(self)
+
     def to_dict(self) -> dict[str, Any]:
         return {"alert": self.alert, "day": self.day.isoformat(), "n": self.n,
                 "rejected": self.sample.rejected, "errors": self.sample.errors,
                 "bundle_id": self.bundle_id, "alpha": self.alpha,
                 "family_alpha": self.config.family_alpha, "correction": "holm",
+                "summary": self.summary,
                 "tests": [t.to_dict() for t in self.tests], "reasons": self.reasons,
                 "trend": [p.to_dict() for p in self.trend],
                 "most_rejected": self.most_rejected, "notes": self.notes}
@@ -398,9 +408,11 @@ def default_day() -> date:
     return (datetime.now(timezone.utc) - timedelta(days=1)).date()
 
 
-def load_day(log: DecisionLog, day: date, reference: DriftReference) -> DaySample:
-    """Aggregate one day in DuckDB; only the score columns are fetched, one at a time."""
-    con = _connect(log, [day])
+def load_day(log: DecisionLog, day: date, reference: DriftReference,
+             exclude: Iterable[Path] = ()) -> DaySample:
+    """Aggregate one day in DuckDB; only the score columns are fetched, one at a time.
+    `exclude`: parts to leave out (found damaged or foreign by `DecisionLog.check`)."""
+    con = _connect(log, [day], exclude)
     try:
         cols = {r[0] for r in con.execute("DESCRIBE decisions").fetchall()}
         bid = reference.bundle_id
@@ -430,12 +442,15 @@ def load_day(log: DecisionLog, day: date, reference: DriftReference) -> DaySampl
                      per_class=per_class, scores=scores, p_values=p_values)
 
 
-def load_trend(log: DecisionLog, day: date, n_days: int, reference: DriftReference) -> list[TrendPoint]:
+def load_trend(log: DecisionLog, day: date, n_days: int, reference: DriftReference,
+               exclude: Iterable[Path] = ()) -> list[TrendPoint]:
     """The p-chart of the `n_days` days ending at `day` (days without rows are skipped)."""
-    window = [d for d in log.days() if day - timedelta(days=n_days) < d <= day]
+    skip = set(exclude)
+    window = [d for d in log.days() if day - timedelta(days=n_days) < d <= day
+              and any(p not in skip for p in log.files([d]))]
     if not window:
         return []
-    con = _connect(log, window)
+    con = _connect(log, window, skip)
     try:
         rows = con.execute(
             "SELECT date, count(*), count(*) FILTER (WHERE decision = 'reject') FROM decisions "
@@ -454,9 +469,9 @@ def load_trend(log: DecisionLog, day: date, n_days: int, reference: DriftReferen
 
 
 def load_most_rejected(log: DecisionLog, day: date, reference: DriftReference,
-                       k: int) -> list[dict[str, Any]]:
+                       k: int, exclude: Iterable[Path] = ()) -> list[dict[str, Any]]:
     """The day's `k` rejects with the lowest p-value (errors, without one, last)."""
-    con = _connect(log, [day])
+    con = _connect(log, [day], exclude)
     try:
         rel = con.execute(
             "SELECT epoch_us(time) AS time, input, digest, predicted_class, p_value, reasons, error "
@@ -485,18 +500,31 @@ def drift_report(log: DecisionLog, reference: DriftReference, day: date | None =
         have = log.days()
         hint = f"latest logged day: {have[-1]}" if have else "the log holds no decisions"
         raise DriftError(f"no decisions logged on {day} under {log.root} ({hint})")
-    sample = load_day(log, day, reference)
-    trend = load_trend(log, day, config.trend_days, reference)
+    # Every part of the window is verified first (page checksums, schema). A damaged part
+    # of the tested day makes the day's figures unknowable: an error. One of an earlier day
+    # only thins the trend: it is left out and named in the notes, and the night goes on.
+    window = [d for d in log.days() if day - timedelta(days=config.trend_days) < d <= day]
+    log.clean_stale_temporaries([log.root / f"date={d.isoformat()}" for d in window])
+    health = log.check(window)
+    tonight = [(p, m) for p, m in health.corrupt if p.parent.name == f"date={day.isoformat()}"]
+    if tonight:
+        raise DriftError("damaged Parquet part(s) in the decision log for " f"{day}: "
+                         + "; ".join(f"{p}: {m}" for p, m in tonight[:5]))
+    skip = health.bad
+    sample = load_day(log, day, reference, skip)
+    trend = load_trend(log, day, config.trend_days, reference, skip)
     before = [p for p in trend if p.day < day]
     history = (sum(p.n for p in before), sum(p.rejected for p in before)) if before else None
-    notes = [f"score {n!r} of the calibration reference is not in the day's log"
-             for n in sorted(set(reference.calibration_scores) - set(sample.scores))]
+    notes = [f"left out of this report: {m}" for m in health.messages()]
+    notes += [f"score {n!r} of the calibration reference is not in the day's log"
+              for n in sorted(set(reference.calibration_scores) - set(sample.scores))]
     if sample.errors:
         notes.append(f"{sample.errors} inputs could not be read or probed (counted as rejects)")
     return DriftReport(day=day, n=sample.n, bundle_id=reference.bundle_id, alpha=reference.alpha,
                        config=config, tests=evaluate(sample, reference, config, history),
                        trend=trend,
-                       most_rejected=load_most_rejected(log, day, reference, config.top_rejected),
+                       most_rejected=load_most_rejected(log, day, reference, config.top_rejected,
+                                                        skip),
                        notes=notes, sample=sample, reference=reference)
 
 
@@ -505,22 +533,23 @@ def render_html(report: DriftReport) -> str:
     """One self-contained page: verdict, trend, score distributions, class mix, top rejects."""
     from . import html_report as h
 
+    from .drift_summary import headline
+
     r = report
-    if r.alert:
-        top = h.banner("alert", f"ALERT: drift on {r.day}", r.reasons)
-    else:
-        top = h.banner("ok", f"No alert on {r.day}",
-                       [f"{len(r.tests)} tests, family-wise false-alarm rate per night "
-                        f"<= {r.config.family_alpha:g} (Holm)"])
+    # the verdict box is for the person on call: a few sentences, not the test table
+    top = h.banner("alert" if r.alert else "ok", headline(r), r.summary)
     facts = h.table(["day", "bundle", "decisions", "rejected", "errors", "alpha"],
                     [[r.day.isoformat(), r.bundle_id, r.n, r.sample.rejected, r.sample.errors,
                       r.alpha]])
+    ordered = sorted(r.tests, key=lambda t: not t.alert)  # alerting tests first, stable
     tests = h.table(
         ["test", "statistic", "value", "p-value", "Holm level", "effect", "effect size", "floor",
          "alert"],
         [[t.name, t.statistic_name, t.statistic, t.p_value, t.threshold, t.effect_size_name,
-          t.effect_size, t.effect_floor, "ALERT" if t.alert else ""] for t in r.tests],
-        highlight=[t.alert for t in r.tests])
+          t.effect_size, t.effect_floor, "ALERT" if t.alert else ""] for t in ordered],
+        highlight=[t.alert for t in ordered])
+    why = h.Markup("<ul>{}</ul>").format(h.Markup("").join(
+        h.Markup("<li>{}</li>").format(x) for x in r.reasons)) if r.reasons else ""
     labels = [p.day.isoformat()[5:] for p in r.trend]
     trend = h.line_chart_svg(
         labels, {"daily rejection rate": [p.rate for p in r.trend]},
@@ -562,12 +591,14 @@ def render_html(report: DriftReport) -> str:
         h.Markup("<li>{}</li>").format(n) for n in r.notes))) if r.notes else ""
     return h.page(
         f"Drift report {r.day}", top, facts,
+        h.section("Tests of the night", why, tests,
+                  note=f"{len(r.tests)} tests, alerting ones first. Each p-value is compared with "
+                       f"its Holm level (family-wise false-alarm rate per night <= "
+                       f"{r.config.family_alpha:g}); a test alerts only when significant and its "
+                       "effect size reaches the floor."),
         h.section("Rejection rate trend", trend, trend_rows,
                   note=f"Daily rejection rate over the last {r.config.trend_days} days; the shaded "
                        f"band is alpha +/- 3 binomial SD (p-chart), a red ring marks a day above it."),
-        h.section("Tests of the night", tests,
-                  note="Each p-value is compared with its Holm level; a test alerts only when "
-                       "significant and its effect size reaches the floor."),
         h.section("Score distributions: day vs calibration", h.Markup('<div class="grid">{}</div>')
                   .format(h.Markup("").join(cards)),
                   note="Red dashed line: the calibration tail threshold of the tail test."),
@@ -581,9 +612,10 @@ def render_html(report: DriftReport) -> str:
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-def _connect(log: DecisionLog, days: list[date]) -> duckdb.DuckDBPyConnection:
+def _connect(log: DecisionLog, days: list[date],
+             exclude: Iterable[Path] = ()) -> duckdb.DuckDBPyConnection:
     try:
-        return log.connect(days)
+        return log.connect(days, exclude=exclude)
     except LogError as e:
         raise DriftError(str(e)) from None
 

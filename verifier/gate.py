@@ -6,8 +6,8 @@ class reference and the garbage head -> conformal p-values -> one decision each.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class BatchScores:
 
     scores / p_values: {name: (n,)}; p_value: (n,) combined; predicted: (n,) int;
     confidence: (n,) softmax probability of the predicted class; accept: (n,) bool.
+    errors: row -> why that image could not be scored (its arrays hold NaN, accept False).
     """
 
     result: ProbeResult
@@ -46,6 +47,7 @@ class BatchScores:
     confidence: np.ndarray
     accept: np.ndarray
     family_p: dict[str, np.ndarray]
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 class Gatekeeper:
@@ -80,25 +82,33 @@ class Gatekeeper:
              progress: bool = False) -> list[Decision]:
         """One `Decision` per input: file paths, folders (expanded), or a raw pixel
         array (N, H, W) / (N, H, W, C). Unreadable inputs become error records.
-        `log` (a `DecisionLog` or a folder) appends the decisions to the Parquet log."""
+        `log` (a `DecisionLog` or a folder) appends the decisions to the Parquet log,
+        one batch at a time as they are decided (a run killed midway keeps those)."""
+        return [d for batch in self.iter_gate(inputs, log=log, progress=progress) for d in batch]
+
+    def iter_gate(self, inputs: Sequence[str | Path] | np.ndarray, log: Any = None,
+                  progress: bool = False) -> Iterator[list[Decision]]:
+        """`gate`, one list of decisions per batch, each logged before it is yielded."""
         from .io import iter_batches
 
-        decisions: list[Decision] = []
+        target = self._log_target(log)
         bar = _progress(progress, inputs)
         t0 = time.perf_counter()
-        for records, x in iter_batches(inputs, self.bundle.spec, batch_size=self.batch_size):
-            self.timings["decode"] += time.perf_counter() - t0
-            decisions.extend(self._decide_records(records, x))
+        try:
+            for records, x in iter_batches(inputs, self.bundle.spec, batch_size=self.batch_size):
+                self.timings["decode"] += time.perf_counter() - t0
+                decisions = self._decide_records(records, x)
+                if target is not None:
+                    t1 = time.perf_counter()
+                    target.append(decisions, bundle_id=self.bundle.bundle_id, alpha=self.alpha)
+                    self.timings["log"] += time.perf_counter() - t1
+                if bar is not None:
+                    bar.update(len(records))
+                yield decisions
+                t0 = time.perf_counter()
+        finally:
             if bar is not None:
-                bar.update(len(records))
-            t0 = time.perf_counter()
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            t1 = time.perf_counter()
-            self._log(log, decisions)
-            self.timings["log"] += time.perf_counter() - t1
-        return decisions
+                bar.close()
 
     def score_batch(self, x: np.ndarray) -> BatchScores:
         """Scores, p-values and accept/reject for preprocessed (n, C, H, W) float32.
@@ -109,23 +119,43 @@ class Gatekeeper:
         t0 = time.perf_counter()
         result = self.probe.run(x)
         t1 = time.perf_counter()
-        scores = self.comparator.score(result)
-        real = result.logits[:, : self.bundle.spec.num_classes]
-        predicted = result.cam_class
+        # a model can emit NaN/inf for one image (overflow, a bad layer); that image is an
+        # error record and the others of the batch are scored as if it were not there
+        errors = _nonfinite_rows(result)
+        good = np.setdiff1d(np.arange(len(x)), np.fromiter(errors, int, len(errors)))
+        if len(good) == 0:
+            return _all_errors(result, errors)
+        sub = result if not errors else _take(result, good)
+        scores = self.comparator.score(sub)
+        real = sub.logits[:, : self.bundle.spec.num_classes]
+        predicted = sub.cam_class
         confidence = _softmax_at(real, predicted)
-        scores["garbage"] = garbage_score(result.logits, result.features, self.bundle.head,
+        scores["garbage"] = garbage_score(sub.logits, sub.features, self.bundle.head,
                                           self.bundle.spec.garbage_class)
         t2 = time.perf_counter()
         b = self.bundle
-        u = digest_uniforms(x)
+        u = digest_uniforms(x if not errors else x[good])
         p_values = b.calibrator.p_values(scores, predicted, u=u)
         p_value = self._combined(scores, p_values, predicted, u)
+        for j in np.flatnonzero(~np.isfinite(p_value)):
+            bad = [k for k, v in scores.items() if not np.isfinite(v[j])]
+            errors[int(good[j])] = ("non-finite score(s) " + ", ".join(bad) if bad
+                                    else "non-finite combined p-value")
         accept = p_value > self.alpha
-        family_p = _family_p_values(p_values)
         self.timings["probe"] += t1 - t0
         self.timings["compare"] += t2 - t1
         self.timings["decide"] += time.perf_counter() - t2
-        return BatchScores(result, scores, p_values, p_value, predicted, confidence, accept, family_p)
+        if len(good) < len(x):  # back to n rows; the damaged ones hold NaN / reject
+            scores, p_values = _spread(scores, good, len(x)), _spread(p_values, good, len(x))
+            p_value = _spread({"": p_value}, good, len(x))[""]
+            confidence = _spread({"": confidence}, good, len(x))[""]
+            predicted = result.cam_class
+            accept = np.zeros(len(x), bool)
+            accept[good] = p_value[good] > self.alpha
+        accept[list(errors)] = False
+        family_p = _family_p_values(p_values)
+        return BatchScores(result, scores, p_values, p_value, predicted, confidence, accept,
+                           family_p, errors)
 
     # ----------------------------------------------------------------- helpers
     def _combined(self, scores: dict[str, np.ndarray], p_values: dict[str, np.ndarray],
@@ -157,6 +187,12 @@ class Gatekeeper:
                 out.append(Decision.from_error(rec.source, rec.error, rec.digest))
                 continue
             assert batch is not None
+            if j in batch.errors:
+                out.append(Decision.from_error(
+                    rec.source, f"{rec.source}: model output unusable ({batch.errors[j]})",
+                    rec.digest))
+                j += 1
+                continue
             accept = accepted[j]
             out.append(Decision(
                 input=rec.source,
@@ -172,11 +208,48 @@ class Gatekeeper:
             j += 1
         return out
 
-    def _log(self, log: Any, decisions: list[Decision]) -> None:
+    @staticmethod
+    def _log_target(log: Any) -> Any:
+        if log is None:
+            return None
         from .decision_log import DecisionLog
 
-        target = log if isinstance(log, DecisionLog) else DecisionLog(log)
-        target.append(decisions, bundle_id=self.bundle.bundle_id, alpha=self.alpha)
+        return log if isinstance(log, DecisionLog) else DecisionLog(log)
+
+
+_RESULT_FIELDS = ("logits", "features", "cam", "cam_class", "early_map", "early_stats")
+
+
+def _nonfinite_rows(result: ProbeResult) -> dict[int, str]:
+    """Row -> 'non-finite <fields>' for images whose probe output holds NaN or inf."""
+    bad: dict[int, list[str]] = {}
+    for f in ("logits", "features", "cam", "early_map", "early_stats"):
+        a = np.asarray(getattr(result, f))
+        rows = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
+        for i in rows.tolist():
+            bad.setdefault(i, []).append(f)
+    return {i: "non-finite " + ", ".join(fs) + " from the model" for i, fs in bad.items()}
+
+
+def _all_errors(result: ProbeResult, errors: dict[int, str]) -> BatchScores:
+    n = len(result)
+    nan = np.full(n, np.nan)
+    return BatchScores(result, {}, {}, nan, np.asarray(result.cam_class), nan.copy(),
+                       np.zeros(n, bool), {}, errors)
+
+
+def _take(result: ProbeResult, rows: np.ndarray) -> ProbeResult:
+    return ProbeResult(*(np.asarray(getattr(result, f))[rows] for f in _RESULT_FIELDS))
+
+
+def _spread(cols: dict[str, np.ndarray], rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """(len(rows),) arrays back to (n,), NaN where no row was scored."""
+    out = {}
+    for k, v in cols.items():
+        full = np.full(n, np.nan)
+        full[rows] = v
+        out[k] = full
+    return out
 
 
 def _family_p_values(p_values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -201,11 +274,16 @@ def _softmax_at(logits: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _progress(enabled: bool, inputs: Iterable) -> Any:
-    if not enabled:
-        return None
+    """A tqdm bar on a terminal (None otherwise) whose total counts the files in folders."""
+    import os
     import sys
 
+    if not enabled or not sys.stderr.isatty():
+        return None
     from tqdm import tqdm
 
-    total = len(inputs) if hasattr(inputs, "__len__") else None
-    return tqdm(total=total, unit="img", desc="gate", disable=not sys.stderr.isatty())
+    from .io import count_inputs
+
+    # the listing is cheap next to decoding; a one-shot iterator is not consumed to count it
+    countable = isinstance(inputs, (list, tuple, np.ndarray, str, os.PathLike))
+    return tqdm(total=count_inputs(inputs) if countable else None, unit="img", desc="gate")

@@ -36,9 +36,11 @@ images; gray -> RGB by replication, RGB -> gray by ITU-R BT.601 luma
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,8 +55,8 @@ from .spec import ModelSpec
 __all__ = [
     "IMAGE_SUFFIXES", "MAX_ASPECT", "MAX_FILE_BYTES", "MAX_PIXELS",
     "DatasetError", "InputError", "LoadedImage",
-    "decode_image", "iter_batches", "labelled_dataset", "load_images",
-    "pixels_from_array", "preprocess", "save_dataset",
+    "count_inputs", "decode_image", "iter_batches", "labelled_dataset", "load_images",
+    "pixels_from_array", "preprocess", "safe_name", "save_dataset",
 ]
 
 #: file suffixes (lower case) that folder expansion and dataset listing pick up;
@@ -108,9 +110,40 @@ def decode_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarra
     Raises `InputError` naming the file and the cause (see the module docstring for
     formats and guards).
     """
-    path = Path(path)
+    path = Path(os.fsdecode(path))
     data = _read_bytes(path)
-    return _decode_bytes(data, path, max_pixels)
+    return _decode_bytes(data, path, max_pixels, safe_name(path))
+
+
+def safe_name(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """A path as valid, printable UTF-8 text for records, JSON and the log.
+
+    File names on Linux are bytes; those that are not UTF-8 reach Python as lone
+    surrogates (PEP 383), which JSON encoders and Arrow refuse. Each such byte is
+    shown as a visible `\\xNN` escape instead (b"\\xff.png" -> "\\xff.png").
+    """
+    s = os.fsdecode(path)
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes (a str from elsewhere)
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def count_inputs(inputs: Sequence[str | Path | np.ndarray] | np.ndarray) -> int:
+    """How many records `load_images` / `iter_batches` will yield for `inputs`.
+
+    Folders are listed (names and file types only, no image is opened; suffix-less
+    files are sniffed for the DICOM magic), so a progress bar can show a true total.
+    """
+    if isinstance(inputs, np.ndarray):
+        return len(inputs) if inputs.ndim in (3, 4) else 0
+    return sum(1 for _ in _expand(inputs, None))
 
 
 def pixels_from_array(a: np.ndarray, *, max_pixels: int = MAX_PIXELS,
@@ -341,38 +374,81 @@ def _expand(inputs: Any, labels: Sequence[int | None] | None) -> Iterator[_Item]
         if isinstance(inp, np.ndarray):
             yield f"array[{i}]", inp, label, None
             continue
-        path = Path(inp)
-        if path.is_dir():
+        path = Path(os.fsdecode(inp))
+        name = safe_name(path)
+        try:
+            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError:
+            is_dir = False  # reading it fails later with the reason, as this input's record
+        if is_dir:
             found = False
-            for f in _walk_images(path):
+            for f, error in _walk_images(path):
                 found = True
-                yield str(f), f, label, None
+                yield safe_name(f), f, label, error
             if not found:
-                yield str(path), None, label, f"{path}: folder holds no image files ({_suffix_list()})"
+                yield name, None, label, f"{name}: folder holds no image files ({_suffix_list()})"
         else:
-            yield str(inp), path, label, None
+            yield name, path, label, None
 
 
-def _walk_images(folder: Path) -> Iterator[Path]:
-    """Image files under `folder`, recursively, in sorted path order; hidden entries skipped.
+def _walk_images(folder: Path, _seen: set[tuple[int, int]] | None = None,
+                 ) -> Iterator[tuple[Path, str | None]]:
+    """(path, None) for image files under `folder`, recursively, in sorted path order,
+    and (path, reason) for each entry that cannot be used; hidden entries skipped.
 
-    Lazy (one directory listing at a time). Symlinked folders are not followed, so a
-    link loop cannot recurse forever.
+    Lazy (one directory listing at a time). Links are followed, but each real folder
+    is walked once (by device and inode), so a link loop ends as one record. A link
+    loop, a dangling link, an unreadable folder or a special file (FIFO, device,
+    socket) is a record of its own and the rest of the folder goes on; regular files
+    without an image suffix (notes, CSVs) are not images and are passed over.
     """
+    seen = set() if _seen is None else _seen
+    name = safe_name(folder)
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            yield folder, f"{name}: link to a folder already walked (a link loop); not walked again"
+            return
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        yield folder, f"{name}: cannot list folder ({e.strerror or e})"
         return
     for e in entries:
         if e.name.startswith("."):
             continue
         p = Path(e.path)
-        if e.is_dir(follow_symlinks=False):
-            yield from _walk_images(p)
-        elif e.is_file():
+        try:
+            mode = os.stat(p).st_mode  # follows links: a loop or a dangling one raises here
+        except OSError as err:
+            yield p, f"{safe_name(p)}: {_link_problem(err)}"
+            continue
+        if stat.S_ISDIR(mode):
+            yield from _walk_images(p, seen)
+        elif not stat.S_ISREG(mode):
+            yield p, f"{safe_name(p)}: is a {_file_kind(mode)}, not a regular file"
+        else:
             suffix = p.suffix.lower()
             if suffix in IMAGE_SUFFIXES or (suffix == "" and _has_dicom_magic(p)):
-                yield p
+                yield p, None
+
+
+def _link_problem(err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "symbolic link loop (too many levels of symbolic links)"
+    if err.errno == errno.ENOENT:
+        return "dangling symbolic link (its target does not exist)"
+    return f"cannot stat entry ({err.strerror or err})"
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def _load_one(item: _Item, spec: ModelSpec, max_pixels: int) -> LoadedImage:
@@ -388,26 +464,42 @@ def _load_one(item: _Item, spec: ModelSpec, max_pixels: int) -> LoadedImage:
             assert obj is not None
             data = _read_bytes(obj, source)
             digest = "sha256:" + hashlib.sha256(data).hexdigest()
-            img = _decode_bytes(data, obj, max_pixels, source)
+            # a large Pillow image comes back already resized, strip by strip from its
+            # 8/16-bit pixels, with no full-size float copy (0.8 GB each at 64 Mpx RGB)
+            img, done = _decode_bytes_for_spec(data, obj, max_pixels, source, spec)
+            del data
+            if done:
+                return LoadedImage(source, img, digest, None, label)
         # preprocessed here, one by one, so only spec-sized pixels outlive the worker:
         # a batch of full-resolution radiographs never sits in memory at once
         pixels = preprocess([img], spec)[0]
     except InputError as e:
-        return LoadedImage(source, None, digest, str(e), label)
+        return LoadedImage(source, None, digest, safe_name(str(e)), label)
     except Exception as e:  # noqa: BLE001 - any decoder failure is this input's error, not the batch's
-        return LoadedImage(source, None, digest, f"{source}: {type(e).__name__}: {e}", label)
+        return LoadedImage(source, None, digest, safe_name(f"{source}: {type(e).__name__}: {e}"),
+                           label)
     return LoadedImage(source, pixels, digest, None, label)
 
 
 def _read_bytes(path: Path, name: str | None = None) -> bytes:
-    name = name or str(path)
+    """The bytes of a regular file, at most `MAX_FILE_BYTES`; anything else is an InputError.
+
+    Opened non-blocking, so a FIFO never waits for a writer, and checked with fstat on
+    the open descriptor (a device such as /dev/zero is never read; a file swapped in
+    after the first stat is caught).
+    """
+    name = name or safe_name(path)
     try:
-        size = path.stat().st_size
-        if path.is_dir():
-            raise InputError(f"{name}: is a folder, not an image file")
-        if size > MAX_FILE_BYTES:
-            raise InputError(f"{name}: file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit")
-        data = path.read_bytes()
+        _require_regular(os.stat(path).st_mode, name)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb", buffering=0, closefd=True) as f:
+            st = os.fstat(fd)
+            _require_regular(st.st_mode, name)
+            if st.st_size > MAX_FILE_BYTES:
+                raise InputError(f"{name}: file is {st.st_size} bytes, over the "
+                                 f"{MAX_FILE_BYTES}-byte limit")
+            data = _read_at_most(f, st.st_size + 1)
     except FileNotFoundError:
         raise InputError(f"{name}: file not found") from None
     except PermissionError:
@@ -416,14 +508,39 @@ def _read_bytes(path: Path, name: str | None = None) -> bytes:
         raise InputError(f"{name}: is a folder, not an image file") from None
     except OSError as e:
         raise InputError(f"{name}: cannot read file ({e.strerror or e})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise InputError(f"{name}: file grew past the {MAX_FILE_BYTES}-byte limit while read")
     if not data:
         raise InputError(f"{name}: file is empty (0 bytes)")
     return data
 
 
+def _require_regular(mode: int, name: str) -> None:
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{name}: is a folder, not an image file")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{name}: is a {_file_kind(mode)}, not a regular file")
+
+
+def _read_at_most(f: Any, n: int) -> bytes:
+    """Read up to min(n, MAX_FILE_BYTES + 1) bytes (a file that grows is cut, not followed)."""
+    n = min(n, MAX_FILE_BYTES + 1)
+    chunks, got = [], 0
+    while got < n:
+        b = f.read(min(n - got, 1 << 24))
+        if not b:
+            break
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
 def _has_dicom_magic(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb", buffering=0, closefd=True) as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
             head = f.read(132)
     except OSError:
         return False
@@ -437,7 +554,46 @@ def _suffix_list() -> str:
 # ---------------------------------------------------------------- decoders
 
 def _decode_bytes(data: bytes, path: Path, max_pixels: int, name: str | None = None) -> np.ndarray:
-    name = name or str(path)
+    """Decode with the decoder the bytes (or the suffix) call for; whatever a third-party
+    decoder raises on damaged bytes (TypeError, KeyError, RecursionError, ...) is this
+    input's `InputError`, never another exception type."""
+    name = name or safe_name(path)
+    try:
+        return _dispatch(data, path, max_pixels, name)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - found by fuzzing: Pillow/pydicom raise many types
+        msg = " ".join(str(e).split())[:200]
+        raise InputError(safe_name(f"{name}: corrupt or unsupported image data "
+                                   f"({type(e).__name__}: {msg})")) from None
+
+
+def _decode_bytes_for_spec(data: bytes, path: Path, max_pixels: int, name: str,
+                           spec: ModelSpec) -> tuple[np.ndarray, bool]:
+    """(pixels, True) preprocessed `(C, h, w)` for a large Pillow image in a plain mode,
+    else (decoded image, False) as `_decode_bytes` gives it."""
+    try:
+        if _pillow_decodes(data, path):
+            out = _pillow_to_spec(data, name, max_pixels, spec)
+            if out is not None:
+                return out, True
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as in _decode_bytes
+        msg = " ".join(str(e).split())[:200]
+        raise InputError(safe_name(f"{name}: corrupt or unsupported image data "
+                                   f"({type(e).__name__}: {msg})")) from None
+    return _decode_bytes(data, path, max_pixels, name), False
+
+
+def _pillow_decodes(data: bytes, path: Path) -> bool:
+    """Whether `_dispatch` hands these bytes to Pillow (not .npy, not DICOM)."""
+    suffix = path.suffix.lower()
+    return not (data[:6] == _NPY_MAGIC or data[128:132] == b"DICM"
+                or suffix in _DICOM_SUFFIXES or suffix == ".npy")
+
+
+def _dispatch(data: bytes, path: Path, max_pixels: int, name: str) -> np.ndarray:
     suffix = path.suffix.lower()
     if data[:6] == _NPY_MAGIC:
         return _decode_npy(data, name, max_pixels)
@@ -461,7 +617,88 @@ def _decode_npy(data: bytes, name: str, max_pixels: int) -> np.ndarray:
 
 
 def _decode_pillow(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
+
+    with _open_pillow(data, name, max_pixels) as im:
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _pil_to_float(im, name)
+        except InputError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise InputError(f"{name}: truncated or corrupt image data ({e})") from None
+
+
+#: images with at least this many pixels take the strip-wise path of `_pillow_to_spec`
+STREAM_MIN_PIXELS: int = 1 << 22
+#: float32 bytes per strip in that path (the strip height follows from the width)
+_STRIP_BYTES: int = 1 << 24
+_STREAM_MODES = frozenset({"L", "RGB", "I;16", "I;16B", "I;16L", "I;16N", "I", "1", "F"})
+
+
+def _pillow_to_spec(data: bytes, name: str, max_pixels: int, spec: ModelSpec) -> np.ndarray | None:
+    """A large image straight to float32 `(C, h, w)` for `spec`, or None for the plain path.
+
+    Same numbers as `preprocess(decode_image(...))` up to float32 rounding: the two
+    resize matrices are applied strip by strip (rows of the image, converted to float
+    only a strip at a time), so peak memory is the decoded 8/16-bit image plus one strip.
+    Palette / alpha / CMYK modes and EXIF-rotated files take the plain path.
+    """
+    with _open_pillow(data, name, max_pixels) as im:
+        width, height = im.size
+        if width * height < STREAM_MIN_PIXELS or im.mode not in _STREAM_MODES \
+                or im.getexif().get(0x0112, 1) not in (None, 1):
+            return None
+        try:
+            im.load()
+            return _resize_strips(im, spec, name)
+        except InputError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise InputError(f"{name}: truncated or corrupt image data ({e})") from None
+
+
+def _resize_strips(im: Any, spec: ModelSpec, name: str) -> np.ndarray:
+    width, height = im.size
+    (h, w), c = spec.size, spec.channels
+    rh, rw = _bilinear_matrix(height, h), _bilinear_matrix(width, w)
+    color = im.mode == "RGB"
+    k = 3 if color and c == 3 else 1
+    acc = np.zeros((k, h, w), dtype=np.float32)
+    rows = max(1, _STRIP_BYTES // (width * (3 if color else 1) * 4))
+    for y0 in range(0, height, rows):
+        y1 = min(height, y0 + rows)
+        x = _strip_to_float(np.asarray(im.crop((0, y0, width, y1))), im.mode, name)
+        if color:  # (s, W, 3) -> (k, s, W): luma here, before resizing, as _to_channels does
+            x = np.tensordot(x, _LUMA, axes=([2], [0]))[None] if c == 1 else np.moveaxis(x, -1, 0)
+        else:
+            x = x[None]
+        acc += rh[:, y0:y1] @ (x @ rw.T)  # (h, s) @ (k, s, w) -> (k, h, w)
+    out = np.empty((c, h, w), dtype=np.float32)
+    out[:] = acc  # gray replicated to c channels after resizing, as in preprocess
+    out -= np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    out /= np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return out
+
+
+def _strip_to_float(a: np.ndarray, mode: str, name: str) -> np.ndarray:
+    """One strip of raw pixels -> float32 in [0, 1] by the rules of `_pil_to_float`."""
+    if mode in ("L", "RGB"):
+        return a.astype(np.float32) / np.float32(255.0)
+    if mode == "1":
+        return a.astype(np.float32)
+    if mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+        raise InputError(f"{name}: 32-bit integer pixels outside the 16-bit range "
+                         f"[{a.min()}, {a.max()}]")
+    if mode == "F":
+        return pixels_from_array(a, max_pixels=a.size, name=name)
+    return a.astype(np.float32) / np.float32(65535.0)  # I;16 variants and in-range I
+
+
+def _open_pillow(data: bytes, name: str, max_pixels: int) -> Any:
+    """Open (header only) with the geometry and page checks; the caller closes it."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         # Pillow's own bomb check (a warning above Image.MAX_IMAGE_PIXELS, an error at
@@ -475,19 +712,15 @@ def _decode_pillow(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         raise InputError(f"{name}: image too large ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{name}: corrupt image header ({e})") from None
-    with im:
+    try:
         w, h = im.size
         _check_geometry(h, w, max_pixels, name)
         if getattr(im, "n_frames", 1) > 1:
             raise InputError(f"{name}: multi-page image ({im.n_frames} frames); give one image per file")
-        try:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _pil_to_float(im, name)
-        except InputError:
-            raise
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise InputError(f"{name}: truncated or corrupt image data ({e})") from None
+    except BaseException:
+        im.close()
+        raise
+    return im
 
 
 def _pil_to_float(im: Any, name: str) -> np.ndarray:
@@ -700,7 +933,7 @@ def _dataset_from_folder(root: Path, classes: list[str]) -> list[tuple[Path, int
         raise DatasetError(f"{root}: image files must sit in a class folder "
                            f"DIR/<class>/, found {sorted(loose)[:5]} at the top level")
     for d in sorted(subdirs, key=lambda p: index[p.name]):
-        out.extend((p, index[d.name]) for p in _walk_images(d))
+        out.extend((p, index[d.name]) for p, _ in _walk_images(d))
     if not out:
         raise DatasetError(f"{root}: no image files found in class folders "
                            f"(expected DIR/<class>/<images> with classes {classes}; "

@@ -102,6 +102,10 @@ def load_spec(path: str | Path) -> ModelSpec:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SpecError(f"spec file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read spec ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
     return spec_from_dict(raw, base_dir=path.parent, source=path)
@@ -126,6 +130,8 @@ def spec_from_dict(raw: dict[str, Any], base_dir: Path | None = None,
         if key not in table:
             tname = "model" if table is model else "input"
             raise SpecError(f"{where}missing required key {tname}.{key}")
+    if not isinstance(model["path"], str) or not model["path"]:
+        raise SpecError(f"{where}model.path must be a file name (a string), got {model['path']!r}")
     mpath = Path(model["path"])
     if base_dir is not None and not mpath.is_absolute():
         mpath = base_dir / mpath
@@ -145,8 +151,8 @@ def spec_from_dict(raw: dict[str, Any], base_dir: Path | None = None,
         )
     except SpecError as e:
         raise SpecError(f"{where}{e}") from None
-    except (TypeError, ValueError) as e:
-        raise SpecError(f"{where}{e}") from None
+    except (TypeError, ValueError, OverflowError) as e:  # e.g. size = [inf, 2] (found by fuzzing)
+        raise SpecError(f"{where}invalid value: {e}") from None
 
 
 def model_fingerprint(spec: ModelSpec) -> str:

@@ -5,6 +5,8 @@
 Inputs are image files (PNG, JPEG, 8/16-bit, DICOM, .npy) or folders (searched
 recursively). --json prints one JSON object per input per line; without it, a
 table. An unreadable input gets an error record (a reject) and the rest go on.
+Decisions are logged and printed (--json) batch by batch as they are decided, so a
+run that is stopped keeps everything decided before the stop.
 Exit code 0 when every input was gated (accepted or rejected), 2 on a usage or
 bundle error.
 """
@@ -33,11 +35,14 @@ def run(args: argparse.Namespace) -> int:
 
     gate = Gatekeeper.load(args.bundle, spec=load_spec(args.spec) if args.spec else None, alpha=args.alpha, device=args.device, batch_size=args.batch_size,
                            key=args.verify_key)
-    decisions = gate.gate(args.inputs, log=args.log, progress=not args.json)
     if args.json:
-        for d in decisions:
-            print(json.dumps(d.to_dict()))
-    else:
+        for batch in gate.iter_gate(args.inputs, log=args.log):
+            for d in batch:
+                print(json.dumps(d.to_dict()))
+            sys.stdout.flush()
+        return 0
+    decisions = gate.gate(args.inputs, log=args.log, progress=True)
+    if decisions:
         width = max([len(d.input) for d in decisions] + [5])
         print(f"{'input':<{width}}  decision  p_value  class  conf   reasons")
         for d in decisions:
