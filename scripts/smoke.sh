@@ -63,6 +63,9 @@ test -s audit.html
 expect "0 1" "$V" drift --bundle bundle --log log --day "$(date -u +%F)" --report drift.html --json drift.json
 test -s drift.html
 
+expect "0" "$V" explain --spec site/model.toml --method gradcam,crm site/stream/3 --out explain --json --faithfulness
+test -n "$(find explain -name '*.npy' | head -1)"
+
 step "serve: health and one image"
 port=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 "$V" serve --bundle bundle --port "$port" --verify-key site/key 2>serve.err &
