@@ -94,8 +94,8 @@ def _swaps(result: AuditResult) -> h.Markup:
         cards.append(h.Markup('<div class="card">{}<br>{}<div class="note">{}</div></div>').format(
             sw.sources[j], h.Markup(" ").join(pics),
             f"class {label}; with regions of a class-{toward} image swapped in, the candidate's "
-            f"P({toward}) rises by {100 * sw.shift_cand[j]:.0f} points, the reference's by "
-            f"{100 * sw.shift_ref[j]:.0f}"))
+            f"P({toward}) moves by {100 * sw.shift_cand[j]:+.0f} points, the reference's by "
+            f"{100 * sw.shift_ref[j]:+.0f}"))
     return h.section("Where the candidate's decisions come from",
                      h.Markup('<div class="grid">{}</div>').format(h.Markup("").join(cards)),
                      note="The images where the candidate moved most toward another class when "
