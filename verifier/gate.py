@@ -223,8 +223,10 @@ _RESULT_FIELDS = ("logits", "features", "cam", "cam_class", "early_map", "early_
 def _nonfinite_rows(result: ProbeResult) -> dict[int, str]:
     """Row -> 'non-finite <fields>' for images whose probe output holds NaN or inf."""
     bad: dict[int, list[str]] = {}
-    for f in ("logits", "features", "cam", "early_map", "early_stats"):
-        a = np.asarray(getattr(result, f))
+    arrays = [(f, getattr(result, f)) for f in _RESULT_FIELDS if f != "cam_class"]
+    arrays += [(f"block_stats[{i}]", a) for i, a in enumerate(result.block_stats)]
+    for f, a in arrays:
+        a = np.asarray(a)
         rows = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
         for i in rows.tolist():
             bad.setdefault(i, []).append(f)
@@ -239,7 +241,8 @@ def _all_errors(result: ProbeResult, errors: dict[int, str]) -> BatchScores:
 
 
 def _take(result: ProbeResult, rows: np.ndarray) -> ProbeResult:
-    return ProbeResult(*(np.asarray(getattr(result, f))[rows] for f in _RESULT_FIELDS))
+    return ProbeResult(*(np.asarray(getattr(result, f))[rows] for f in _RESULT_FIELDS),
+                       block_stats=tuple(np.asarray(a)[rows] for a in result.block_stats))
 
 
 def _spread(cols: dict[str, np.ndarray], rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
