@@ -17,7 +17,7 @@ from ..backends import onnx_backend as ob
 from ..backends import onnx_graph as og
 from ..probe import ProbeError
 from ..spec import ModelSpec
-from .registry import AttributionError
+from .registry import AttributionError, resolve_targets
 from .chunks import rows_per_chunk as _rows
 
 __all__ = ["OnnxPass"]
@@ -159,20 +159,4 @@ def _load(spec: ModelSpec, layer: str, with_tail: bool) -> _Loaded:
 
 
 def _targets(target: object, logits: np.ndarray, spec: ModelSpec | None) -> np.ndarray:
-    n, k = logits.shape
-    if target is None:
-        if spec is None:  # a bare model file: every output is a class
-            return logits.argmax(axis=1).astype(np.int64)
-        real = logits[:, :spec.num_classes].copy()
-        g = spec.garbage_class
-        if g is not None and g < spec.num_classes:
-            real[:, g] = -np.inf
-        return real.argmax(axis=1).astype(np.int64)
-    t = np.asarray(target)
-    if t.ndim == 0:
-        t = np.full(n, int(t))
-    if t.shape != (n,) or not np.issubdtype(t.dtype, np.integer):
-        raise AttributionError(f"target must be None, an int or {n} ints, got {target!r}")
-    if t.min() < 0 or t.max() >= k:
-        raise AttributionError(f"target classes must lie in [0, {k}), got {t.tolist()[:8]}")
-    return t.astype(np.int64)
+    return resolve_targets(target, logits, spec)

@@ -82,3 +82,25 @@ def get_method(name: str) -> Method:
 def onnx_methods() -> list[str]:
     """Names of the methods the onnxruntime backend can run."""
     return [m.name for m in METHODS.values() if m.onnx is not None]
+
+
+def resolve_targets(target: object, logits: np.ndarray, spec: Any | None) -> np.ndarray:
+    """(N,) int64 classes to explain: the prediction over the spec's real classes (a garbage
+    output excluded) when `target` is None, else an int or (N,) ints, checked against K."""
+    n, k = logits.shape
+    if target is None:
+        if spec is None:  # a bare model: every output is a class
+            return logits.argmax(axis=1).astype(np.int64)
+        real = np.array(logits[:, :spec.num_classes], dtype=np.float64)
+        g = spec.garbage_class
+        if g is not None and g < spec.num_classes:
+            real[:, g] = -np.inf
+        return real.argmax(axis=1).astype(np.int64)
+    t = np.asarray(target)
+    if t.ndim == 0:
+        t = np.full(n, int(t))
+    if t.shape != (n,) or not np.issubdtype(t.dtype, np.integer):
+        raise AttributionError(f"target must be None, an int or {n} ints, got {target!r}")
+    if t.min() < 0 or t.max() >= k:
+        raise AttributionError(f"target classes must lie in [0, {k}), got {t.tolist()[:8]}")
+    return t.astype(np.int64)

@@ -18,7 +18,7 @@ from ..backends.torch_backend import resolve_layers
 from ..probe import ProbeError
 from ..spec import ModelSpec
 from .chunks import rows_per_chunk as _rows
-from .registry import AttributionError
+from .registry import AttributionError, resolve_targets
 
 __all__ = ["TorchPass", "hooked"]
 
@@ -158,20 +158,5 @@ def _resolve(module: nn.Module, layer: str, chw: tuple[int, ...],
 
 
 def _targets(target: object, logits: torch.Tensor, spec: ModelSpec | None) -> torch.Tensor:
-    n, k = logits.shape
-    if target is None:
-        if spec is None:  # a bare module: every output is a class
-            return logits.argmax(dim=1)
-        real = logits[:, : spec.num_classes].clone()
-        g = spec.garbage_class
-        if g is not None and g < spec.num_classes:
-            real[:, g] = -torch.inf
-        return real.argmax(dim=1)
-    t = np.asarray(target)
-    if t.ndim == 0:
-        t = np.full(n, int(t))
-    if t.shape != (n,) or not np.issubdtype(t.dtype, np.integer):
-        raise AttributionError(f"target must be None, an int or {n} ints, got {target!r}")
-    if t.min() < 0 or t.max() >= k:
-        raise AttributionError(f"target classes must lie in [0, {k}), got {t.tolist()[:8]}")
+    t = resolve_targets(target, logits.detach().float().cpu().numpy(), spec)
     return torch.as_tensor(t, dtype=torch.long, device=logits.device)

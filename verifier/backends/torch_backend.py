@@ -215,6 +215,29 @@ def resolve_layers(model: nn.Module, spec: ModelSpec,
     advanced through directly following BatchNorm/activation modules. features: the
     input of the last nn.Linear (None when the model has none).
     """
+    once = _dry_run(model, spec, device)
+    spatial = [c for c in once if len(c.shape) == 4 and c.shape[2] * c.shape[3] > 1]
+    if not spatial:
+        raise ProbeError("the model has no layer with a 4-D spatial output; Grad-CAM needs a convolutional model")
+    target = _pick(spec.target_layer, spatial, "layers.target", _auto_target)
+    early = _pick(spec.early_layer, spatial, "layers.early", _auto_early)
+    linears = [c.name for c in once if isinstance(c.module, nn.Linear)]
+    return target, early, (linears[-1] if linears else None)
+
+
+def conv_blocks(model: nn.Module, spec: ModelSpec, device: torch.device) -> list[str]:
+    """Module names of every conv block's output in execution order: each Conv2d called once
+    per pass, advanced through directly following BatchNorm/activation modules (as the
+    early layer is); the depths whose channel means feed `feat_conv<i>_mahalanobis`."""
+    spatial = [c for c in _dry_run(model, spec, device) if len(c.shape) == 4]
+    out = [spatial[_advance(spatial, i)].name for i, c in enumerate(spatial)
+           if isinstance(c.module, nn.Conv2d)]
+    return list(dict.fromkeys(out))
+
+
+def _dry_run(model: nn.Module, spec: ModelSpec, device: torch.device) -> list[_Call]:
+    """The module calls of one pass on a zero input built from the spec, in execution order,
+    keeping modules called exactly once (a shared module has no single output to probe)."""
     calls: list[_Call] = []
     counts: dict[str, int] = {}
     names = {id(m): n for n, m in model.named_modules()}
@@ -236,48 +259,15 @@ def resolve_layers(model: nn.Module, spec: ModelSpec,
     finally:
         for h in handles:
             h.remove()
-    once = [c for c in calls if counts[c.name] == 1]
-    spatial = [c for c in once if len(c.shape) == 4 and c.shape[2] * c.shape[3] > 1]
-    if not spatial:
-        raise ProbeError("the model has no layer with a 4-D spatial output; Grad-CAM needs a convolutional model")
-    target = _pick(spec.target_layer, spatial, "layers.target", _auto_target)
-    early = _pick(spec.early_layer, spatial, "layers.early", _auto_early)
-    linears = [c.name for c in once if isinstance(c.module, nn.Linear)]
-    return target, early, (linears[-1] if linears else None)
+    return [c for c in calls if counts[c.name] == 1]
 
 
-def conv_blocks(model: nn.Module, spec: ModelSpec, device: torch.device) -> list[str]:
-    """Module names of every conv block's output in execution order: each Conv2d called once
-    per pass, advanced through directly following BatchNorm/activation modules (as the
-    early layer is); the depths whose channel means feed `feat_conv<i>_mahalanobis`."""
-    calls: list[_Call] = []
-    names = {id(m): n for n, m in model.named_modules()}
-    counts: dict[str, int] = {}
-
-    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-        name = names[id(module)]
-        counts[name] = counts.get(name, 0) + 1
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
-        in_id = id(inputs[0]) if inputs and isinstance(inputs[0], torch.Tensor) else -1
-        calls.append(_Call(name, module, in_id, id(output), shape, (inputs, output)))
-
-    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n]
-    try:
-        with probe_state_restored(model), torch.no_grad():
-            model(torch.zeros((1, spec.channels, *spec.size), device=device))
-    finally:
-        for h in handles:
-            h.remove()
-    spatial = [c for c in calls if counts[c.name] == 1 and len(c.shape) == 4]
-    out = []
-    for i, c in enumerate(spatial):
-        if not isinstance(c.module, nn.Conv2d):
-            continue
-        while i + 1 < len(spatial) and isinstance(spatial[i + 1].module, _ELEMENTWISE) \
-                and spatial[i + 1].in_id == spatial[i].out_id:
-            i += 1
-        out.append(spatial[i].name)
-    return list(dict.fromkeys(out))
+def _advance(spatial: list[_Call], i: int) -> int:
+    """From call i, step through directly following BatchNorm/activation calls on its output."""
+    while i + 1 < len(spatial) and isinstance(spatial[i + 1].module, _ELEMENTWISE) \
+            and spatial[i + 1].in_id == spatial[i].out_id:
+        i += 1
+    return i
 
 
 def _auto_target(spatial: list[_Call]) -> str:
@@ -289,11 +279,7 @@ def _auto_early(spatial: list[_Call]) -> str:
     convs = [i for i, c in enumerate(spatial) if isinstance(c.module, nn.Conv2d)]
     if not convs:
         return spatial[0].name
-    i = convs[0]
-    while i + 1 < len(spatial) and isinstance(spatial[i + 1].module, _ELEMENTWISE) \
-            and spatial[i + 1].in_id == spatial[i].out_id:
-        i += 1
-    return spatial[i].name
+    return spatial[_advance(spatial, convs[0])].name
 
 
 def _pick(requested: str, spatial: list[_Call], key: str, auto) -> str:
