@@ -369,6 +369,12 @@ def test_iter_batches_streams_in_order(tmp_path, digits):
     first, _ = next(stream)
     stream.close()  # stopping early cancels the decode-ahead chunk and returns
     assert len(first) == 8
+    # decoding inline (workers=1, as the service does per micro-batch) gives the same chunks
+    inline = list(iter_batches(paths, spec, batch_size=16, labels=labels, workers=1))
+    assert [[(r.source, r.label, r.error) for r in rs] for rs, _ in inline] == \
+        [[(r.source, r.label, r.error) for r in rs] for rs, _ in chunks]
+    for (_, a), (_, b) in zip(inline, chunks):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_iter_batches_decodes_at_most_two_chunks_ahead(tmp_path, digits, monkeypatch):

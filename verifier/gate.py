@@ -79,15 +79,17 @@ class Gatekeeper:
 
     # ------------------------------------------------------------------ public
     def gate(self, inputs: Sequence[str | Path] | np.ndarray, log: Any = None,
-             progress: bool = False) -> list[Decision]:
+             progress: bool = False, workers: int = 2) -> list[Decision]:
         """One `Decision` per input: file paths, folders (expanded), or a raw pixel
         array (N, H, W) / (N, H, W, C). Unreadable inputs become error records.
         `log` (a `DecisionLog` or a folder) appends the decisions to the Parquet log,
-        one batch at a time as they are decided (a run killed midway keeps those)."""
-        return [d for batch in self.iter_gate(inputs, log=log, progress=progress) for d in batch]
+        one batch at a time as they are decided (a run killed midway keeps those).
+        `workers`: decoding threads (1 decodes inline: cheaper for a few small files)."""
+        return [d for batch in self.iter_gate(inputs, log=log, progress=progress, workers=workers)
+                for d in batch]
 
     def iter_gate(self, inputs: Sequence[str | Path] | np.ndarray, log: Any = None,
-                  progress: bool = False) -> Iterator[list[Decision]]:
+                  progress: bool = False, workers: int = 2) -> Iterator[list[Decision]]:
         """`gate`, one list of decisions per batch, each logged before it is yielded."""
         from .io import iter_batches
 
@@ -95,7 +97,8 @@ class Gatekeeper:
         bar = _progress(progress, inputs)
         t0 = time.perf_counter()
         try:
-            for records, x in iter_batches(inputs, self.bundle.spec, batch_size=self.batch_size):
+            for records, x in iter_batches(inputs, self.bundle.spec, batch_size=self.batch_size,
+                                           workers=workers):
                 self.timings["decode"] += time.perf_counter() - t0
                 decisions = self._decide_records(records, x)
                 if target is not None:

@@ -41,7 +41,7 @@ import hashlib
 import io
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -251,7 +251,10 @@ def iter_batches(inputs: Sequence[str | Path | np.ndarray] | np.ndarray, spec: M
         return
     items = _expand(inputs, labels)
     c, (h, w) = spec.channels, spec.size
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    if workers <= 1:  # inline: no thread pool to start and wake for a small call
+        yield from _inline_batches(items, spec, batch_size, max_pixels)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         def submit() -> list[Future[LoadedImage]]:
             chunk = []
             for it in items:
@@ -267,14 +270,31 @@ def iter_batches(inputs: Sequence[str | Path | np.ndarray] | np.ndarray, spec: M
             while pending:
                 following = submit()  # decode ahead while the caller uses this chunk
                 records = [f.result() for f in pending]
-                ok = [r.pixels for r in records if r.pixels is not None]
-                batch = np.stack(ok) if ok else np.empty((0, c, h, w), dtype=np.float32)
-                yield records, batch
+                yield records, _stack(records, c, h, w)
                 pending, following = following, []
         finally:
             # a consumer that stops early should not wait for a chunk it will never see
             for f in pending + following:
                 f.cancel()
+
+
+def _inline_batches(items: Iterable[Any], spec: ModelSpec, batch_size: int, max_pixels: int,
+                    ) -> Iterator[tuple[list[LoadedImage], np.ndarray]]:
+    """`iter_batches` decoding on the calling thread, chunk by chunk."""
+    c, (h, w) = spec.channels, spec.size
+    records: list[LoadedImage] = []
+    for it in items:
+        records.append(_load_one(it, spec, max_pixels))
+        if len(records) == batch_size:
+            yield records, _stack(records, c, h, w)
+            records = []
+    if records:
+        yield records, _stack(records, c, h, w)
+
+
+def _stack(records: list[LoadedImage], c: int, h: int, w: int) -> np.ndarray:
+    ok = [r.pixels for r in records if r.pixels is not None]
+    return np.stack(ok) if ok else np.empty((0, c, h, w), dtype=np.float32)
 
 
 def _array_batches(inputs: np.ndarray, spec: ModelSpec, batch_size: int,
