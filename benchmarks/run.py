@@ -240,31 +240,23 @@ def _ort_session(path: Path, device: str) -> Any:
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 
-_PLACEHOLDER = False
-
-
 def _gradcam(model: torch.nn.Module, layer: str) -> tuple[Any, str]:
     """pytorch-grad-cam's GradCAM on `layer`, or None and why not.
 
-    grad-cam 1.5.7 imports torchvision at module level only for helpers GradCAM never calls
-    (`utils/image.py`: Compose/Normalize/ToTensor for `preprocess_image`; `utils/model_targets.py`:
-    `torchvision.ops.box_iou` for detection targets). PyPI's torchvision cannot sit beside this
-    torch build, so when it is missing a placeholder module satisfies those imports; the Grad-CAM
-    path itself (hooks, backward, weights, `scale_cam_image` via OpenCV) is the library's own."""
-    global _PLACEHOLDER
-    try:
-        import torchvision  # noqa: F401
-        shim = "torchvision absent: placeholder module for its unused imports" if _PLACEHOLDER \
-            else "torchvision present"
-    except ImportError:
-        _torchvision_placeholder()
-        _PLACEHOLDER = True
-        shim = "torchvision absent: placeholder module for its unused imports"
-    try:
-        from pytorch_grad_cam import GradCAM
-        import pytorch_grad_cam
-    except ImportError as e:
-        return None, f"pytorch-grad-cam cannot be imported: {e}"
+    grad-cam 1.5.7 imports torchvision at module level only for helpers GradCAM never calls;
+    PyPI's torchvision cannot sit beside this torch build, so `tests/_gradcam_lib.py` puts a
+    placeholder in its place when it cannot load; the Grad-CAM path itself (hooks, backward,
+    weights, `scale_cam_image` via OpenCV) is the library's own."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _gradcam_lib import import_gradcam
+
+    pytorch_grad_cam = import_gradcam()
+    if pytorch_grad_cam is None:
+        return None, "pytorch-grad-cam cannot be imported (pip install --no-deps grad-cam==1.5.7)"
+    from pytorch_grad_cam import GradCAM
+
+    shim = ("torchvision absent: placeholder module for its unused imports"
+            if getattr(sys.modules.get("torchvision"), "__file__", None) is None else "torchvision present")
     target = dict(model.named_modules())[layer]
     version = getattr(pytorch_grad_cam, "__version__", None)
     if version is None:
@@ -272,26 +264,6 @@ def _gradcam(model: torch.nn.Module, layer: str) -> tuple[Any, str]:
         version = _v("grad-cam")
     return GradCAM(model=model, target_layers=[target]), \
         f"pytorch-grad-cam {version} GradCAM on '{layer}', targets=None (argmax), {shim}"
-
-
-def _torchvision_placeholder() -> None:
-    import types
-
-    def unavailable(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("torchvision is not installed (benchmark placeholder)")
-
-    tv = types.ModuleType("torchvision")
-    tr = types.ModuleType("torchvision.transforms")
-    fn = types.ModuleType("torchvision.transforms.functional")
-    ops = types.ModuleType("torchvision.ops")
-    for name in ("Compose", "Normalize", "ToTensor"):
-        setattr(tr, name, unavailable)
-    fn.resize = unavailable
-    ops.box_iou = unavailable
-    tr.functional = fn
-    tv.transforms, tv.ops = tr, ops
-    sys.modules.update({"torchvision": tv, "torchvision.transforms": tr,
-                        "torchvision.transforms.functional": fn, "torchvision.ops": ops})
 
 
 # ----------------------------------------------------------------------------- Wasserstein

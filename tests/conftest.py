@@ -49,3 +49,18 @@ def gap_bundle(tmp_path_factory, mnist, gap_model):
     out = tmp_path_factory.mktemp("bundle") / "gap"
     build_bundle(mnist_spec(gap_model), (x[TRAIN], y[TRAIN]), out, calibration=(x[CAL], y[CAL]), seed=0)
     return out
+
+
+MNIST_TOML = ('[model]\npath = "model.onnx"\nclasses = ["0","1","2","3","4","5","6","7","8","9"]\n'
+              "[input]\nsize = [28, 28]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n")
+
+
+def write_onnx_model(root, model):
+    """`model` exported to root/model.onnx with its spec root/model.toml (as a user writes
+    one); returns the spec's path. For tests that need a bundle another process can load."""
+    from verifier.backends.onnx_backend import export_onnx
+    from verifier.zoo import mnist_spec
+
+    export_onnx(model, mnist_spec(model), root / "model.onnx")
+    (root / "model.toml").write_text(MNIST_TOML)
+    return root / "model.toml"

@@ -19,7 +19,7 @@ from verifier.cli import main
 from verifier.io import save_dataset
 from verifier.zoo import mnist_spec
 
-from conftest import CAL, POOL, TRAIN
+from conftest import CAL, POOL, TRAIN, write_onnx_model
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -32,13 +32,9 @@ def _snapshot(folder):
 def site(tmp_path_factory, mnist, gap_model):
     """An ONNX model file, its spec, PNG folders (reference, 150 calibration images) and a
     signed bundle built through the CLI, plus an HMAC key file."""
-    from verifier.backends.onnx_backend import export_onnx
 
     root = tmp_path_factory.mktemp("site")
-    export_onnx(gap_model, mnist_spec(gap_model), root / "model.onnx")
-    (root / "model.toml").write_text(
-        '[model]\npath = "model.onnx"\nclasses = ["0","1","2","3","4","5","6","7","8","9"]\n'
-        "[input]\nsize = [28, 28]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n")
+    write_onnx_model(root, gap_model)
     x, y = mnist
     save_dataset(x[TRAIN][:800], y[TRAIN][:800], CLASSES, root / "ref")
     save_dataset(x[CAL][:150], y[CAL][:150], CLASSES, root / "cal")

@@ -11,9 +11,8 @@ import pytest
 
 from verifier.cli import main
 from verifier.io import save_dataset
-from verifier.zoo import mnist_spec
 
-from conftest import CAL, POOL, TRAIN
+from conftest import CAL, POOL, TRAIN, write_onnx_model
 
 FIELDS = {"input", "decision", "p_value", "predicted_class", "confidence", "reasons", "scores",
           "p_values", "error"}
@@ -21,13 +20,8 @@ FIELDS = {"input", "decision", "p_value", "predicted_class", "confidence", "reas
 
 @pytest.fixture(scope="module")
 def cli_bundle(tmp_path_factory, mnist, gap_model):
-    from verifier.backends.onnx_backend import export_onnx
-
     root = tmp_path_factory.mktemp("cli")
-    export_onnx(gap_model, mnist_spec(gap_model), root / "model.onnx")
-    (root / "model.toml").write_text(
-        '[model]\npath = "model.onnx"\nclasses = ["0","1","2","3","4","5","6","7","8","9"]\n'
-        "[input]\nsize = [28, 28]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n")
+    write_onnx_model(root, gap_model)
     x, y = mnist
     classes = [str(i) for i in range(10)]
     save_dataset(x[TRAIN][:1500], y[TRAIN][:1500], classes, root / "ref")

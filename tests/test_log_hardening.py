@@ -144,18 +144,13 @@ def test_earlier_day_damage_is_named_but_does_not_stop_tonight(tmp_path: Path) -
 
 @pytest.fixture(scope="module")
 def file_bundle(tmp_path_factory, mnist, gap_model) -> Path:
-    from verifier.backends.onnx_backend import export_onnx
     from verifier.cli import main
     from verifier.io import save_dataset
-    from verifier.zoo import mnist_spec
 
-    from conftest import CAL, TRAIN
+    from conftest import CAL, TRAIN, write_onnx_model
 
     root = tmp_path_factory.mktemp("killbundle")
-    export_onnx(gap_model, mnist_spec(gap_model), root / "model.onnx")
-    (root / "model.toml").write_text(
-        '[model]\npath = "model.onnx"\nclasses = ["0","1","2","3","4","5","6","7","8","9"]\n'
-        "[input]\nsize = [28, 28]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n")
+    write_onnx_model(root, gap_model)
     x, y = mnist
     classes = [str(i) for i in range(10)]
     save_dataset(x[TRAIN][:1000], y[TRAIN][:1000], classes, root / "ref")

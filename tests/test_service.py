@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import CAL, POOL, TRAIN
+from conftest import CAL, POOL, TRAIN, write_onnx_model
 
 FIELDS = {"input", "decision", "p_value", "predicted_class", "confidence", "reasons", "scores",
           "p_values", "error"}
@@ -31,16 +31,11 @@ ANSWERED: list[dict] = []  # every decision record a 200 answered, to match agai
 @pytest.fixture(scope="module")
 def file_bundle(tmp_path_factory, mnist, gap_model) -> Path:
     """A bundle a separate process can load: the session's CNN exported to ONNX."""
-    from verifier.backends.onnx_backend import export_onnx
     from verifier.builder import build_bundle
     from verifier.spec import load_spec
-    from verifier.zoo import mnist_spec
 
     root = tmp_path_factory.mktemp("svc")
-    export_onnx(gap_model, mnist_spec(gap_model), root / "model.onnx")
-    (root / "model.toml").write_text(
-        '[model]\npath = "model.onnx"\nclasses = ["0","1","2","3","4","5","6","7","8","9"]\n'
-        "[input]\nsize = [28, 28]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n")
+    write_onnx_model(root, gap_model)
     x, y = mnist
     build_bundle(load_spec(root / "model.toml"), (x[TRAIN][:1500], y[TRAIN][:1500]), root / "bundle",
                  calibration=(x[CAL], y[CAL]), seed=0)
