@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import html_report as h
-from .audit import AuditResult, Check
+from .audit_result import AuditResult, Check
 from .compare import ATTENTION_MEASURES
 from .measures import measure_direction
 
