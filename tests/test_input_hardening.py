@@ -196,6 +196,7 @@ def test_large_images_resized_strip_by_strip_match_the_plain_path(tmp_path, monk
     a few rows) gives the numbers of decode_image + preprocess."""
     import skimage.data
 
+    import verifier.decode as vdecode  # the strip path's names are looked up there
     import verifier.io as vio
 
     src = skimage.data.astronaut() if mode == "RGB" else skimage.data.camera()
@@ -206,11 +207,11 @@ def test_large_images_resized_strip_by_strip_match_the_plain_path(tmp_path, monk
     spec = ModelSpec(classes=("a",), size=(60, 44), channels=channels, mean=(0.2,) * channels,
                      std=(0.5,) * channels, module=object())
     plain = vio.preprocess([decode_image(path)], spec)[0]
-    monkeypatch.setattr(vio, "STREAM_MIN_PIXELS", 1)
-    monkeypatch.setattr(vio, "_STRIP_BYTES", 512 * 4 * 3 * 7)  # 7-row strips: 55 of them
+    monkeypatch.setattr(vdecode, "STREAM_MIN_PIXELS", 1)
+    monkeypatch.setattr(vdecode, "_STRIP_BYTES", 512 * 4 * 3 * 7)  # 7-row strips: 55 of them
     calls = []
-    real = vio._resize_strips
-    monkeypatch.setattr(vio, "_resize_strips", lambda *a: calls.append(1) or real(*a))
+    real = vdecode._resize_strips
+    monkeypatch.setattr(vdecode, "_resize_strips", lambda *a: calls.append(1) or real(*a))
     [rec] = load_images([path], spec, workers=1)
     assert calls, "the strip path was not taken"
     assert rec.ok and rec.pixels.shape == plain.shape == (channels, 60, 44)

@@ -378,7 +378,7 @@ def test_iter_batches_streams_in_order(tmp_path, digits):
 
 
 def test_iter_batches_decodes_at_most_two_chunks_ahead(tmp_path, digits, monkeypatch):
-    import verifier.io as vio
+    import verifier.stream as vio  # _load_one is looked up there
 
     x, y = digits
     save_dataset(x, y, CLASSES, tmp_path / "data")
