@@ -33,7 +33,7 @@ from _gradcam_lib import import_gradcam  # noqa: E402
 from models import resnet18_shape  # noqa: E402
 
 from verifier.attribution import METHODS, attribute  # noqa: E402
-from verifier.zoo import SmallCNN  # noqa: E402
+from verifier.examples.zoo import SmallCNN  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from verifier.audit import audit  # noqa: E402
-from verifier.backends.onnx_backend import export_onnx  # noqa: E402
-from verifier.builder import build_bundle  # noqa: E402
-from verifier.bundle import Bundle  # noqa: E402
-from verifier.datasets import load_mnist  # noqa: E402
+from verifier.audit.run import audit  # noqa: E402
+from verifier.bundle.builder import build_bundle  # noqa: E402
+from verifier.bundle.directory import Bundle  # noqa: E402
+from verifier.examples.datasets import load_mnist  # noqa: E402
+from verifier.examples.zoo import SmallCNN, add_cue, mnist_spec, train_classifier  # noqa: E402
+from verifier.probe.onnx_backend import export_onnx  # noqa: E402
 from verifier.spec import ModelSpec  # noqa: E402
-from verifier.zoo import SmallCNN, add_cue, mnist_spec, train_classifier  # noqa: E402
 
 TRAIN, CAL, SITE = slice(0, 3000), slice(3000, 3600), slice(3600, 4400)
 EPOCHS = 8

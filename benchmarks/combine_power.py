@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from calibration.combine import MERGERS
-from verifier.builder import build_bundle
-from verifier.bundle import Bundle
-from verifier.datasets import OOD_SOURCES, load_mnist, ood_images
-from verifier.gate import Gatekeeper
-from verifier.io import preprocess
-from verifier.zoo import SmallCNN, mnist_spec, train_classifier
+from verifier.bundle.builder import build_bundle
+from verifier.bundle.directory import Bundle
+from verifier.data import preprocess
+from verifier.examples.datasets import OOD_SOURCES, load_mnist, ood_images
+from verifier.examples.zoo import SmallCNN, mnist_spec, train_classifier
+from verifier.runtime.gatekeeper import Gatekeeper
 
 ALPHA = 0.05
 

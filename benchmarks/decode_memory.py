@@ -27,7 +27,7 @@ import json, sys, time
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, {root!r})
-from verifier.io import decode_image, load_images, preprocess
+from verifier.data import decode_image, load_images, preprocess
 from verifier.spec import ModelSpec
 
 def status(key):

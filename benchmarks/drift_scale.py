@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from verifier.decision_log import DecisionLog, log_schema  # noqa: E402
-from verifier.drift import DriftConfig, DriftReference, drift_report, evaluate, render_html  # noqa: E402
+from verifier.drift import DriftConfig, DriftReference, drift_report, evaluate  # noqa: E402
+from verifier.reports.drift import render_html  # noqa: E402
+from verifier.runtime.log import DecisionLog, log_schema  # noqa: E402
 
 CLASSES = ("normal", "pneumonia", "effusion", "nodule")
 FREQ = np.array([0.4, 0.3, 0.2, 0.1])

@@ -26,13 +26,12 @@ from scipy.special import logsumexp, softmax
 
 from calibration.conformal import conformal_p_values
 from calibration.indist import COMBINE_METHODS, InDistributionConformal
-from verifier.builder import build_bundle
-from verifier.bundle import Bundle
-from verifier.builder import COMBINED_FAMILIES
-from verifier.compare import higher_is_worse, score_family
-from verifier.datasets import OOD_SOURCES, load_mnist, load_sklearn_digits, ood_images
-from verifier.gate import Gatekeeper
-from verifier.zoo import SmallCNN, mnist_spec, preprocess_uint8, train_classifier
+from verifier.bundle.builder import COMBINED_FAMILIES, build_bundle
+from verifier.bundle.directory import Bundle
+from verifier.examples.datasets import OOD_SOURCES, load_mnist, load_sklearn_digits, ood_images
+from verifier.examples.zoo import SmallCNN, mnist_spec, preprocess_uint8, train_classifier
+from verifier.runtime.gatekeeper import Gatekeeper
+from verifier.scoring.comparator import higher_is_worse, score_family
 
 ALPHA = 0.05
 IN_CLASSES = 6
@@ -236,7 +235,7 @@ def _components(runs, names) -> dict[str, dict[str, float]]:
 
 def _cost(gate: Gatekeeper, imgs: np.ndarray) -> dict[str, float]:
     """Seconds per image of the whole gate scoring vs the new depth scores alone (best of 3)."""
-    from verifier.compare import depth_scores
+    from verifier.scoring.comparator import depth_scores
 
     x = preprocess_uint8(imgs).numpy()[:256]
     whole, depth = [], []

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from verifier.gate import STAGES, Gatekeeper  # noqa: E402
+from verifier.runtime.gatekeeper import STAGES, Gatekeeper  # noqa: E402
 from verifier.spec import ModelSpec  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "run.json"
@@ -71,9 +71,9 @@ def resnet_case(size: int, n_ref: int, n_cal: int, seed: int = 0) -> Case:
 
 
 def mnist_case(n_ref: int, n_cal: int, seed: int = 0) -> Case:
-    """verifier.zoo.SmallCNN trained briefly (1 epoch, 2,000 real MNIST digits)."""
-    from verifier.datasets import load_mnist
-    from verifier.zoo import SmallCNN, mnist_spec, train_classifier
+    """verifier.examples.zoo.SmallCNN trained briefly (1 epoch, 2,000 real MNIST digits)."""
+    from verifier.examples.datasets import load_mnist
+    from verifier.examples.zoo import SmallCNN, mnist_spec, train_classifier
 
     x, y = load_mnist()
     model = train_classifier(SmallCNN(), x[:2000], y[:2000], epochs=1, seed=seed)
@@ -81,7 +81,7 @@ def mnist_case(n_ref: int, n_cal: int, seed: int = 0) -> Case:
     a, b = 2000, 2000 + n_ref
     return Case("small_mnist_cnn", spec, (x[a:b], y[a:b]), (x[b:b + n_cal], y[b:b + n_cal]),
                 np.ascontiguousarray(x[:BATCH]),
-                f"verifier.zoo.SmallCNN, 1x28x28, 1 epoch on 2,000 MNIST digits; "
+                f"verifier.examples.zoo.SmallCNN, 1x28x28, 1 epoch on 2,000 MNIST digits; "
                 f"bundle from {n_ref} reference + {n_cal} calibration digits")
 
 
@@ -101,10 +101,10 @@ def _smooth_images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def bench_case(case: Case, device: str, reps: int, work: Path, log_dir: Path) -> dict[str, Any]:
     """Images/s of every method on the same batch, interleaved, medians over `reps`."""
-    from verifier.backends.onnx_backend import export_onnx
-    from verifier.backends.torch_backend import TorchProbe
-    from verifier.builder import build_bundle
-    from verifier.io import load_images
+    from verifier.bundle.builder import build_bundle
+    from verifier.data import load_images
+    from verifier.probe.onnx_backend import export_onnx
+    from verifier.probe.torch_backend import TorchProbe
 
     spec = case.spec
     model = spec.module.to(device)
@@ -214,7 +214,7 @@ def _stage_share(calls: list[dict[str, float]]) -> dict[str, Any]:
 
 def _wasserstein_in_gate(gate: Gatekeeper, x: np.ndarray, forward_s: float) -> dict[str, float]:
     """Time of the fast Wasserstein on this batch's (cam, early) maps next to one forward pass."""
-    from verifier.measures import compare_maps
+    from verifier.scoring.measures import compare_maps
 
     res = gate.probe.run(x)
     cam, early = gate.comparator.canonical(res)
@@ -310,12 +310,12 @@ def bench_memory(counts: list[int], real: bool, threads: int | None) -> dict[str
 def _memory_child(kind: str, n: int) -> dict[str, Any]:
     """Run one build of `n` images and report its peaks (printed as one JSON line)."""
     import gc
+    import inspect
 
     from reference_maps.canonical import to_grid
     from reference_maps.store import ReferenceStore
-    import inspect
-
-    from verifier.builder import _PIXEL_SAMPLES, _Reservoir, build_bundle as _build
+    from verifier.bundle.builder import _PIXEL_SAMPLES, _Reservoir
+    from verifier.bundle.builder import build_bundle as _build
 
     gc.collect()
     rss0 = _rss_mb()
@@ -348,9 +348,9 @@ def _memory_child(kind: str, n: int) -> dict[str, Any]:
         # One real build_bundle of a SmallCNN over n MNIST-derived digits (the 5,000 real
         # digits, shifted by up to 2 pixels to reach n) read from a memory-mapped .npy, with a
         # fixed 300-image calibration set, so only the reference count changes.
-        from verifier.builder import build_bundle
-        from verifier.datasets import load_mnist
-        from verifier.zoo import SmallCNN, mnist_spec
+        from verifier.bundle.builder import build_bundle
+        from verifier.examples.datasets import load_mnist
+        from verifier.examples.zoo import SmallCNN, mnist_spec
 
         x, y = load_mnist()
         torch.manual_seed(0)

@@ -100,11 +100,11 @@ def _bundle_and_images(tmp: Path, n: int) -> tuple[Path, list[Path]]:
     import torch
     from PIL import Image
 
-    from verifier.backends.onnx_backend import export_onnx
-    from verifier.builder import build_bundle
-    from verifier.datasets import load_mnist
+    from verifier.bundle.builder import build_bundle
+    from verifier.examples.datasets import load_mnist
+    from verifier.examples.zoo import SmallCNN, mnist_spec, train_classifier
+    from verifier.probe.onnx_backend import export_onnx
     from verifier.spec import load_spec
-    from verifier.zoo import SmallCNN, mnist_spec, train_classifier
 
     torch.set_num_threads(1)
     x, y = load_mnist()
@@ -126,7 +126,7 @@ def _bundle_and_images(tmp: Path, n: int) -> tuple[Path, list[Path]]:
 
 
 def _in_process_gate(bundle: Path, files: list[Path], batch: int):
-    from verifier.gate import Gatekeeper
+    from verifier.runtime.gatekeeper import Gatekeeper
 
     gate = Gatekeeper.load(bundle, batch_size=batch)
     gate.gate(files[:batch])  # warm
@@ -151,7 +151,7 @@ def _cpu_s(pid: int) -> float:
 
 def _start(bundle: Path, port: int, log: Path, args: argparse.Namespace) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "verifier.cli", "serve", "--bundle", str(bundle), "--port", str(port),
+        [sys.executable, "-m", "verifier.cli.main", "serve", "--bundle", str(bundle), "--port", str(port),
          "--log", str(log), "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
          "--queue", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

@@ -14,8 +14,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from reference_maps.canonical import to_grid
-from verifier.datasets import load_mnist, ood_images
-from verifier.measures import MeasureOptions, to_distribution, wasserstein
+from verifier.examples.datasets import load_mnist, ood_images
+from verifier.scoring.measures import MeasureOptions, to_distribution, wasserstein
 
 GRID = 16
 N_PER_FAMILY = 200
@@ -62,7 +62,7 @@ def evaluate(maps: np.ndarray, refs: np.ndarray, directions: int = 32,
 def sinkhorn_figures(maps: np.ndarray, refs: np.ndarray, exact: np.ndarray, eps: float = 0.01,
                      iters: int = 100) -> dict[str, float]:
     """The alternative considered: batched float64 Sinkhorn transport cost (for the docs)."""
-    from verifier.measures import _exact_cost  # the same cost matrix exact mode uses
+    from verifier.scoring.measures import _exact_cost  # the same cost matrix exact mode uses
 
     a, b = to_distribution(maps), to_distribution(refs)
     cost = _exact_cost(*maps.shape[1:])

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from verifier.backends.onnx_backend import export_onnx
-from verifier.datasets import load_sklearn_digits
-from verifier.io import save_dataset
-from verifier.zoo import SmallCNN, mnist_spec, train_classifier
+from verifier.data import save_dataset
+from verifier.examples.datasets import load_sklearn_digits
+from verifier.examples.zoo import SmallCNN, mnist_spec, train_classifier
+from verifier.probe.onnx_backend import export_onnx
 
 
 def main(out: Path) -> None:

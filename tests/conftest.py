@@ -14,13 +14,13 @@ POOL = slice(3600, 5000)
 
 @pytest.fixture(scope="session")
 def mnist() -> tuple[np.ndarray, np.ndarray]:
-    from verifier.datasets import load_mnist
+    from verifier.examples.datasets import load_mnist
 
     return load_mnist()
 
 
 def _train(mnist, head: str, seed: int, epochs: int = 4):
-    from verifier.zoo import SmallCNN, train_classifier
+    from verifier.examples.zoo import SmallCNN, train_classifier
 
     x, y = mnist
     torch.manual_seed(seed)
@@ -42,8 +42,8 @@ def fc_model(mnist):
 @pytest.fixture(scope="session")
 def gap_bundle(tmp_path_factory, mnist, gap_model):
     """A bundle for `gap_model` built through the Python API (reference = training digits)."""
-    from verifier.builder import build_bundle
-    from verifier.zoo import mnist_spec
+    from verifier.bundle.builder import build_bundle
+    from verifier.examples.zoo import mnist_spec
 
     x, y = mnist
     out = tmp_path_factory.mktemp("bundle") / "gap"
@@ -58,8 +58,8 @@ MNIST_TOML = ('[model]\npath = "model.onnx"\nclasses = ["0","1","2","3","4","5",
 def write_onnx_model(root, model):
     """`model` exported to root/model.onnx with its spec root/model.toml (as a user writes
     one); returns the spec's path. For tests that need a bundle another process can load."""
-    from verifier.backends.onnx_backend import export_onnx
-    from verifier.zoo import mnist_spec
+    from verifier.examples.zoo import mnist_spec
+    from verifier.probe.onnx_backend import export_onnx
 
     export_onnx(model, mnist_spec(model), root / "model.onnx")
     (root / "model.toml").write_text(MNIST_TOML)

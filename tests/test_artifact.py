@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from reference_maps.artifact import (MANIFEST_NAME, ArtifactError, field_digests,
-                                     manifest_digest, read_artifact, sha256_file, write_artifact)
+from reference_maps.artifact import (MANIFEST_NAME, ArtifactError, field_digests, manifest_digest,
+                                     read_artifact, sha256_file, write_artifact)
 
 
 def _arrays() -> dict[str, dict[str, np.ndarray]]:

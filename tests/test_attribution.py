@@ -8,13 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _gradcam_lib import import_gradcam
+from conftest import POOL
 from torch import nn
 
 from verifier.attribution import METHODS, AttributionError, attribute, attribute_many
-from verifier.zoo import mnist_spec, preprocess_uint8
-
-from _gradcam_lib import import_gradcam
-from conftest import POOL
+from verifier.examples.zoo import preprocess_uint8
 
 LAYER = "features.8"  # SmallCNN's auto target: the ReLU after the last conv (7 x 7)
 

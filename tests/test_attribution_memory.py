@@ -9,13 +9,11 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import POOL
 
 from verifier.attribution import METHODS, attribute
-from verifier.zoo import preprocess_uint8
-
-from conftest import POOL
+from verifier.examples.zoo import preprocess_uint8
 
 CALLS = 200
 BOUND_MB = 12.0

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import POOL
 
 from verifier.attribution import AttributionError, attribute, attribute_many, onnx_methods
-from verifier.backends.onnx_backend import export_onnx
-from verifier.zoo import mnist_spec, preprocess_uint8
-
-from conftest import POOL
+from verifier.examples.zoo import mnist_spec, preprocess_uint8
+from verifier.probe.onnx_backend import export_onnx
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from verifier.audit import AuditError, audit, write_html
-from verifier.bundle import Bundle
-from verifier.zoo import SmallCNN, add_class_marker, add_cue, mnist_spec, train_classifier
+from verifier.audit.run import AuditError, audit
+from verifier.bundle.directory import Bundle
+from verifier.examples.zoo import SmallCNN, add_class_marker, add_cue, mnist_spec, train_classifier
+from verifier.reports.audit import write_html
 
 TRAIN, CAL = slice(0, 3000), slice(3000, 3600)  # as in conftest.py
 
@@ -42,7 +42,7 @@ def untrained():
 
 @pytest.fixture(scope="module")
 def seed_result(mnist, reference, seed_model):
-    from verifier.datasets import ood_images
+    from verifier.examples.datasets import ood_images
 
     x, y = mnist
     return audit(reference, mnist_spec(seed_model), (x[AUDIT], y[AUDIT]),
@@ -228,9 +228,9 @@ def test_json_carries_verdict_figures_and_reasons(shortcut_result):
 @pytest.fixture(scope="module")
 def file_setup(tmp_path_factory, mnist, gap_model, seed_model, untrained):
     """A file-based bundle built from the ONNX-exported reference, candidate specs, site data."""
-    from verifier.backends.onnx_backend import export_onnx
-    from verifier.builder import build_bundle
-    from verifier.io import save_dataset
+    from verifier.bundle.builder import build_bundle
+    from verifier.data import save_dataset
+    from verifier.probe.onnx_backend import export_onnx
     from verifier.spec import ModelSpec
 
     x, y = mnist
@@ -254,7 +254,7 @@ def _toml(tables: dict) -> str:
 
 
 def _cli(*argv: str) -> int:
-    from verifier.cli import main
+    from verifier.cli.main import main
 
     return main(list(argv))
 

@@ -3,7 +3,7 @@
 Same trained models as the other tests (conftest: `gap_model`, `fc_model`), exported
 to ONNX. Through TorchProbe and OnnxProbe they must give logits equal to 1e-4, Grad-CAM
 cosine >= 0.999 and EQUAL gate decisions on real held-out digits and real OOD images.
-The export is accepted only once declared compatible (verifier.compat), and a
+The export is accepted only once declared compatible (verifier.bundle.declarations), and a
 hand-edited declaration is refused.
 """
 from __future__ import annotations
@@ -16,16 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from verifier.backends.onnx_backend import OnnxProbe, export_onnx
-from verifier.bundle import Bundle, BundleError
-from verifier.compat import CompatibilityError, declare_compatible, map_cosine
-from verifier.datasets import OOD_SOURCES, ood_images
-from verifier.gate import Gatekeeper
-from verifier.spec import ModelSpec, model_fingerprint
-from verifier.zoo import mnist_spec, preprocess_uint8
-
 from conftest import CAL, POOL
+
+from verifier.bundle.directory import Bundle, BundleError
+from verifier.examples.datasets import OOD_SOURCES, ood_images
+from verifier.examples.zoo import mnist_spec, preprocess_uint8
+from verifier.probe.onnx_backend import OnnxProbe, export_onnx
+from verifier.runtime.gatekeeper import Gatekeeper
+from verifier.runtime.parity import CompatibilityError, declare_compatible, map_cosine
+from verifier.spec import ModelSpec, model_fingerprint
 
 #: real digits the declarations are measured on (reference split; the parity checks use POOL)
 DECLARE = slice(2000, 2300)
@@ -52,7 +51,7 @@ def models(gap_model, fc_model):
 def declared(tmp_path_factory, mnist, gap_bundle, models, exports) -> dict[str, Path]:
     """Declared copies: the session's gap bundle, and a small fc bundle built here
     (1,000 reference + 300 calibration digits). The session bundle is left as it is."""
-    from verifier.builder import build_bundle
+    from verifier.bundle.builder import build_bundle
 
     x, y = mnist
     root = tmp_path_factory.mktemp("declared")

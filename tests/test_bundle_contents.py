@@ -12,15 +12,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import CAL, POOL, TRAIN
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from verifier.bundle import Bundle, BundleError
-from verifier.garbage import GarbageHead
+from verifier.bundle.directory import Bundle, BundleError
+from verifier.examples.zoo import mnist_spec
+from verifier.scoring.garbage import GarbageHead
 from verifier.spec import ModelSpec, model_fingerprint
-from verifier.zoo import mnist_spec
-
-from conftest import CAL, POOL, TRAIN
 
 
 def _digits(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +68,7 @@ def test_class_names_outside_the_bmp_round_trip(gap_bundle, gap_model, tmp_path,
     assert tuple(raw["model"]["classes"]) == names  # an independent TOML reader agrees
     back = Bundle.load(tmp_path / "b", model=gap_model)
     assert back.classes == names
-    from verifier.gate import Gatekeeper
+    from verifier.runtime.gatekeeper import Gatekeeper
 
     d = Gatekeeper(back).gate(np.asarray(mnist[0][POOL][:5]))
     assert all(x.predicted_class in names for x in d)
@@ -80,7 +79,7 @@ def external_onnx(tmp_path_factory, gap_model):
     """The gap model as ONNX with every tensor in an external file `weights.bin`."""
     import onnx
 
-    from verifier.backends.onnx_backend import export_onnx
+    from verifier.probe.onnx_backend import export_onnx
 
     root = tmp_path_factory.mktemp("ext")
     export_onnx(gap_model, mnist_spec(gap_model), root / "plain.onnx")
@@ -113,9 +112,9 @@ def test_onnx_external_data_is_fingerprinted(external_onnx, tmp_path):
 
 
 def test_onnx_external_data_is_copied_into_the_bundle(external_onnx, tmp_path, mnist):
-    from verifier.builder import build_bundle
-    from verifier.gate import Gatekeeper
-    from verifier.integrity import verify_bundle
+    from verifier.bundle.builder import build_bundle
+    from verifier.bundle.integrity import verify_bundle
+    from verifier.runtime.gatekeeper import Gatekeeper
 
     work = shutil.copytree(external_onnx / "m", tmp_path / "m")
     x, y = mnist
@@ -137,7 +136,7 @@ def test_onnx_external_data_is_copied_into_the_bundle(external_onnx, tmp_path, m
 
 def test_colormaps_match_matplotlib():
     colormaps = pytest.importorskip("matplotlib").colormaps
-    from verifier.html_report import COLORMAPS, colormap
+    from verifier.reports.html import COLORMAPS, colormap
 
     t = np.linspace(0, 1, 1001)
     for name in COLORMAPS:

@@ -12,14 +12,13 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import CAL, POOL, TRAIN, write_onnx_model
 
 from reference_maps.artifact import field_digests, manifest_digest
-from verifier.bundle import Bundle, BundleError
-from verifier.cli import main
-from verifier.io import save_dataset
-from verifier.zoo import mnist_spec
-
-from conftest import CAL, POOL, TRAIN, write_onnx_model
+from verifier.bundle.directory import Bundle, BundleError
+from verifier.cli.main import main
+from verifier.data import save_dataset
+from verifier.examples.zoo import mnist_spec
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -209,7 +208,7 @@ def test_a_replaced_model_file_is_refused(site, tmp_path, capsys, gap_model):
 
     import torch
 
-    from verifier.backends.onnx_backend import export_onnx
+    from verifier.probe.onnx_backend import export_onnx
 
     b = _copy(site, tmp_path)
     other = copy.deepcopy(gap_model)
@@ -254,7 +253,7 @@ def test_ed25519_private_signs_public_verifies(site, tmp_path, capsys):
 
 def test_gate_on_intact_bundle_still_decides(site, mnist):
     """The integrity layer changes nothing in what a bundle decides."""
-    from verifier.gate import Gatekeeper
+    from verifier.runtime.gatekeeper import Gatekeeper
 
     gate = Gatekeeper.load(site / "bundle", key=site / "key")
     decisions = gate.gate(np.asarray(mnist[0][POOL][:50]))

@@ -11,7 +11,7 @@ from scipy import ndimage
 from calibration import (MERGERS, ConformalCalibrator, FusedConformal, decide, merge_bonferroni,
                          merge_twice_mean)
 from reference_maps.artifact import read_artifact, write_artifact
-from verifier.datasets import load_mnist, ood_images  # tests only: real images
+from verifier.examples.datasets import load_mnist, ood_images  # tests only: real images
 
 ALPHA = 0.05
 HIGHER_IS_WORSE = {"ink": True, "spread": False, "edges": True}

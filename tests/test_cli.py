@@ -8,11 +8,10 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from verifier.cli import main
-from verifier.io import save_dataset
-
 from conftest import CAL, POOL, TRAIN, write_onnx_model
+
+from verifier.cli.main import main
+from verifier.data import save_dataset
 
 FIELDS = {"input", "decision", "p_value", "predicted_class", "confidence", "reasons", "scores",
           "p_values", "error"}
@@ -73,11 +72,11 @@ def test_errors_exit_2(cli_bundle, tmp_path, capsys):
 
 
 def test_help_teaches():
-    out = subprocess.run([sys.executable, "-m", "verifier.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "verifier.cli.main", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for cmd in ("demo", "build", "gate", "audit", "drift"):
         assert cmd in out.stdout
-    out = subprocess.run([sys.executable, "-m", "verifier.cli", "gate", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "verifier.cli.main", "gate", "--help"], capture_output=True, text=True)
     assert "--bundle" in out.stdout and "--json" in out.stdout and "Exit code" in out.stdout
 
 

@@ -14,8 +14,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from verifier.decision import Decision
-from verifier.decision_log import FIXED_SCHEMA, DecisionLog, LogError
+from verifier.runtime.decision import Decision
+from verifier.runtime.log import FIXED_SCHEMA, DecisionLog, LogError
 
 T0 = datetime(2024, 5, 1, 23, 59, 30, tzinfo=timezone.utc)
 
@@ -97,7 +97,7 @@ def test_crash_leaves_no_visible_part(tmp_path: Path) -> None:
 
 
 def test_failed_write_cleans_its_temporary(tmp_path: Path, monkeypatch) -> None:
-    import verifier.decision_log as dl
+    import verifier.runtime.log_parts as dl  # the atomic write lives there
 
     def boom(*a, **k):
         raise OSError("disk full")

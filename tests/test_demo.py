@@ -5,7 +5,7 @@ import json
 from html.parser import HTMLParser
 
 from calibration.decide import false_rejection_sd
-from verifier.demo import format_table, run_demo
+from verifier.examples.demo import format_table, run_demo
 
 
 def test_demo_end_to_end(tmp_path):

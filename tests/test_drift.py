@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from verifier.cli import main
-from verifier.decision import Decision
-from verifier.decision_log import DecisionLog
-from verifier.drift import (DaySample, DriftConfig, DriftReference, drift_report, evaluate, holm,
-                            render_html)
-from verifier import html_report as h
+import verifier.reports.html as h
+from verifier.cli.main import main
+from verifier.drift import DaySample, DriftConfig, DriftReference, drift_report, evaluate, holm
+from verifier.reports.drift import render_html
+from verifier.runtime.decision import Decision
+from verifier.runtime.log import DecisionLog
 
 CLASSES = ("normal", "pneumonia", "effusion")
 FREQ = np.array([0.5, 0.3, 0.2])
@@ -158,7 +158,7 @@ def test_huge_day_does_not_alarm_on_calibration_noise_and_floor_gates_alerts() -
 def logged(tmp_path: Path, monkeypatch):
     gate = SyntheticGate(seed=5)
     ref = gate.reference()
-    monkeypatch.setattr("verifier.commands.drift._load_reference", lambda path: ref)
+    monkeypatch.setattr("verifier.cli.commands.drift._load_reference", lambda path: ref)
     days = {DAY - timedelta(days=k): {"n": 1500} for k in range(1, 6)}
     days[DAY] = {"n": 1500}
     days[DAY + timedelta(days=1)] = {"n": 1500, "contamination": 0.06}
@@ -278,12 +278,12 @@ def test_svg_charts_are_well_formed_and_escape_labels() -> None:
 def real_gate_log(tmp_path_factory, mnist, gap_model):
     """Real decisions: the ONNX-exported MNIST CNN's bundle gates 800 held-out digits and 120
     real OOD images (photos, textures, DICOM slices, noise) once; days are resampled from them."""
-    from verifier.backends.onnx_backend import export_onnx
-    from verifier.builder import build_bundle
-    from verifier.datasets import ood_images
-    from verifier.gate import Gatekeeper
+    from verifier.bundle.builder import build_bundle
+    from verifier.examples.datasets import ood_images
+    from verifier.examples.zoo import mnist_spec
+    from verifier.probe.onnx_backend import export_onnx
+    from verifier.runtime.gatekeeper import Gatekeeper
     from verifier.spec import load_spec
-    from verifier.zoo import mnist_spec
 
     x, y = mnist
     tmp = tmp_path_factory.mktemp("realgate")

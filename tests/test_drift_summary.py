@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from verifier.drift import DriftConfig, drift_report, render_html
-
 from test_drift import CLASSES, DAY, SyntheticGate, _log_days
+
+from verifier.drift import DriftConfig, drift_report
+from verifier.reports.drift import render_html
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Region swaps and deletions (verifier.evidence) against naive per-image, per-cell loops on a
+"""Region swaps and deletions (verifier.audit.perturb) against naive per-image, per-cell loops on a
 trained CNN and real digits."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy.special import softmax
 
-from verifier.evidence import (cell_index, deletion_curves, other_class_partner, reliance_maps,
-                               swap_cells, swap_shift, unused_cells)
-from verifier.zoo import preprocess_uint8
+from verifier.audit.perturb import (cell_index, deletion_curves, other_class_partner,
+                                    reliance_maps, swap_cells, swap_shift, unused_cells)
+from verifier.examples.zoo import preprocess_uint8
 
 torch.set_num_threads(2)
 

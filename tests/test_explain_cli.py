@@ -6,14 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import POOL
 
 from verifier.attribution import attribute, deletion_insertion, predictor
-from verifier.backends.onnx_backend import export_onnx
-from verifier.cli import main
-from verifier.io import iter_batches, save_dataset
-from verifier.zoo import mnist_spec, preprocess_uint8
-
-from conftest import POOL
+from verifier.cli.main import main
+from verifier.data import iter_batches, save_dataset
+from verifier.examples.zoo import mnist_spec, preprocess_uint8
+from verifier.probe.onnx_backend import export_onnx
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from reference_maps.artifact import ArtifactError, read_artifact, write_artifact
-from verifier.decision import Decision
-from verifier.decision_log import DecisionLog, LogError
-from verifier.io import InputError, decode_image
+from verifier.data import InputError, decode_image
+from verifier.runtime.decision import Decision
+from verifier.runtime.log import DecisionLog, LogError
 from verifier.spec import SpecError, load_spec
 
 #: one seeded, database-free profile: the same examples on every run, no .hypothesis folder
@@ -60,7 +60,7 @@ def no_hang(seconds: int = HANG_SECONDS):
 def _seed_images() -> dict[str, bytes]:
     """Small valid files of every decoded format, built from real data (MNIST digits, a real
     CT slice), to be damaged by the fuzzer."""
-    from verifier.datasets import load_mnist
+    from verifier.examples.datasets import load_mnist
 
     digit = load_mnist()[0][7]
     out = {}

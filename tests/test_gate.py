@@ -6,16 +6,15 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import POOL
 from PIL import Image
 
 from calibration.decide import false_rejection_sd
 from calibration.fusion import FusedConformal
-from verifier.bundle import Bundle, BundleError
-from verifier.datasets import dicom_test_files, ood_images
-from verifier.gate import Gatekeeper
-from verifier.zoo import preprocess_uint8
-
-from conftest import POOL
+from verifier.bundle.directory import Bundle, BundleError
+from verifier.examples.datasets import dicom_test_files, ood_images
+from verifier.examples.zoo import preprocess_uint8
+from verifier.runtime.gatekeeper import Gatekeeper
 
 ALPHA = 0.05
 
@@ -147,17 +146,17 @@ def test_decision_json_fields(gate, mnist):
 def test_bundle_without_model_check_reads_calibration_only(gap_bundle):
     b = Bundle.load(gap_bundle, check_model=False)  # drift needs no model
     assert len(b.calibration_classes) > 0 and set(b.calibration_scores) == set(b.higher_is_worse)
-    from verifier.gate import Gatekeeper as G
+    from verifier.runtime.gatekeeper import Gatekeeper as G
     with pytest.raises(Exception, match="nn.Module"):
         G(b)  # but it cannot open a probe
 
 
 def test_build_with_a_user_garbage_folder(mnist, gap_model, tmp_path):
     """--garbage DIR: the user's images join the synthetic garbage; an empty folder is an error."""
-    from verifier.builder import build_bundle
-    from verifier.zoo import mnist_spec
-
     from conftest import CAL, TRAIN
+
+    from verifier.bundle.builder import build_bundle
+    from verifier.examples.zoo import mnist_spec
 
     folder = tmp_path / "garbage"
     folder.mkdir()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from verifier.io import count_inputs, decode_image, load_images, safe_name
+from verifier.data import count_inputs, decode_image, load_images, safe_name
 from verifier.spec import ModelSpec
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="FIFOs, devices and bytes names are POSIX")
@@ -50,7 +50,7 @@ def test_fifo_and_dev_zero_given_directly_are_refused_at_once(tmp_path, digit):
     assert [r.ok for r in recs] == [False, False, True]
     assert "FIFO" in recs[0].error and str(fifo) in recs[0].error
     assert "character device" in recs[1].error and recs[1].digest is None
-    from verifier.io import InputError
+    from verifier.data import InputError
 
     with pytest.raises(InputError, match="FIFO"):
         _raise_from_thread(decode_image, fifo)
@@ -126,7 +126,7 @@ def test_gate_bad_folder_and_bytes_name_to_json_and_log(tmp_path, digit, monkeyp
     """The issue's run: a bad folder plus a non-UTF-8 name, gated and logged; no row lost."""
     import pyarrow.parquet as pq
 
-    from verifier.gate import Gatekeeper
+    from verifier.runtime.gatekeeper import Gatekeeper
 
     gate = Gatekeeper.load(gap_bundle, model=gap_model)
     causes = _bad_folder(tmp_path, digit, monkeypatch)
@@ -144,7 +144,7 @@ def test_gate_bad_folder_and_bytes_name_to_json_and_log(tmp_path, digit, monkeyp
 def test_nan_in_one_probe_map_is_one_error_record(gap_bundle, gap_model, mnist):
     """A probe returning NaN/inf for some images: those become error records, the others keep
     exactly the decisions they get without the damage."""
-    from verifier.gate import Gatekeeper
+    from verifier.runtime.gatekeeper import Gatekeeper
 
     gate = Gatekeeper.load(gap_bundle, model=gap_model)
     x = mnist[0][3600:3608]
@@ -172,7 +172,7 @@ def test_progress_total_counts_folder_contents(tmp_path, digit, monkeypatch):
     import io
     import sys
 
-    from verifier.gate import _progress
+    from verifier.runtime.gatekeeper import _progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -196,8 +196,8 @@ def test_large_images_resized_strip_by_strip_match_the_plain_path(tmp_path, monk
     a few rows) gives the numbers of decode_image + preprocess."""
     import skimage.data
 
-    import verifier.decode as vdecode  # the strip path's names are looked up there
-    import verifier.io as vio
+    import verifier.data as vio
+    import verifier.data.decode as vdecode  # the strip path's names are looked up there
 
     src = skimage.data.astronaut() if mode == "RGB" else skimage.data.camera()
     img = Image.fromarray(src.astype(np.uint16) * 257) if mode == "I;16" else \

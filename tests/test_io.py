@@ -1,4 +1,4 @@
-"""Tests of verifier.io on real images written in each format a user would hand in.
+"""Tests of verifier.data on real images written in each format a user would hand in.
 
 MNIST digits, skimage photos and pydicom's shipped CT/MR slices, saved to tmp_path.
 """
@@ -14,11 +14,10 @@ import pytest
 import skimage.data as skd
 from PIL import Image
 
-from verifier.datasets import dicom_test_files, load_mnist
-from verifier.io import (
-    IMAGE_SUFFIXES, DatasetError, InputError, decode_image, iter_batches, labelled_dataset,
-    load_images, pixels_from_array, preprocess, save_dataset,
-)
+from verifier.data import (IMAGE_SUFFIXES, DatasetError, InputError, decode_image, iter_batches,
+                           labelled_dataset, load_images, pixels_from_array, preprocess,
+                           save_dataset)
+from verifier.examples.datasets import dicom_test_files, load_mnist
 from verifier.spec import ModelSpec
 
 DICOM_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -378,7 +377,7 @@ def test_iter_batches_streams_in_order(tmp_path, digits):
 
 
 def test_iter_batches_decodes_at_most_two_chunks_ahead(tmp_path, digits, monkeypatch):
-    import verifier.stream as vio  # _load_one is looked up there
+    import verifier.data.stream as vio  # _load_one is looked up there
 
     x, y = digits
     save_dataset(x, y, CLASSES, tmp_path / "data")

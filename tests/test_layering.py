@@ -68,7 +68,7 @@ def test_source_has_no_forbidden_import(package):
 def test_source_check_would_catch_an_offender(tmp_path):
     """The AST check sees every import form it claims to (guards against a vacuous pass)."""
     f = tmp_path / "bad.py"
-    f.write_text("import os\nimport torch.nn as nn\nfrom verifier.probe import Probe\n"
+    f.write_text("import os\nimport torch.nn as nn\nfrom verifier.probe.base import Probe\n"
                  "def g():\n    import onnxruntime\n    importlib.import_module('torch')\n"
                  "from . import sibling\n")
     assert set(_imports(f)) == {"os", "torch", "verifier", "onnxruntime"}

@@ -17,10 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from verifier.decision_log import DecisionLog, LogError
-
 from test_decision_log import T0, _decision
+
+from verifier.runtime.log import DecisionLog, LogError
 
 
 def _glob_count(root: Path) -> int:
@@ -144,10 +143,10 @@ def test_earlier_day_damage_is_named_but_does_not_stop_tonight(tmp_path: Path) -
 
 @pytest.fixture(scope="module")
 def file_bundle(tmp_path_factory, mnist, gap_model) -> Path:
-    from verifier.cli import main
-    from verifier.io import save_dataset
-
     from conftest import CAL, TRAIN, write_onnx_model
+
+    from verifier.cli.main import main
+    from verifier.data import save_dataset
 
     root = tmp_path_factory.mktemp("killbundle")
     write_onnx_model(root, gap_model)
@@ -161,9 +160,9 @@ def file_bundle(tmp_path_factory, mnist, gap_model) -> Path:
 
 
 def test_killed_gate_run_keeps_every_decision_it_printed(file_bundle, mnist, tmp_path) -> None:
-    from verifier.io import save_dataset
-
     from conftest import POOL
+
+    from verifier.data import save_dataset
 
     x, y = mnist
     idx = np.arange(1400) % 1400
@@ -171,7 +170,7 @@ def test_killed_gate_run_keeps_every_decision_it_printed(file_bundle, mnist, tmp
     log = tmp_path / "log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "verifier.cli", "gate", "--bundle", str(file_bundle),
+        [sys.executable, "-m", "verifier.cli.main", "gate", "--bundle", str(file_bundle),
          str(tmp_path / "in"), "--json", "--log", str(log), "--batch-size", "8"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
     printed = []
@@ -207,7 +206,7 @@ def test_cli_non_utf8_name_gated_printed_and_logged(file_bundle, mnist, tmp_path
     Image.fromarray(mnist[0][4003]).save(os.fsencode(folder) + b"/\xff\xfe scan.png")
     os.symlink("loop", folder / "loop")
     log = tmp_path / "log"
-    res = subprocess.run([sys.executable, "-m", "verifier.cli", "gate", "--bundle",
+    res = subprocess.run([sys.executable, "-m", "verifier.cli.main", "gate", "--bundle",
                           str(file_bundle), os.fsencode(folder), "--json", "--log", str(log)],
                          capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr.decode(errors="replace")[-500:]

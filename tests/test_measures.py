@@ -14,11 +14,10 @@ from scipy.stats import entropy, pearsonr, spearmanr
 from skimage.metrics import structural_similarity
 
 from reference_maps.canonical import to_grid
-from verifier.datasets import load_mnist
-from verifier.measures import (
-    DEFAULT_OPTIONS, MEASURE_NAMES, MEASURES, MeasureOptions, compare_maps, measure_direction,
-    register_measure, wasserstein,
-)
+from verifier.examples.datasets import load_mnist
+from verifier.scoring.measures import (DEFAULT_OPTIONS, MEASURE_NAMES, MEASURES, MeasureOptions,
+                                       compare_maps, measure_direction, register_measure,
+                                       wasserstein)
 
 G = 16
 

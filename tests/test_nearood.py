@@ -26,10 +26,10 @@ IN = 6  # the model learns digits 0-5; 6-9 are the held-out-class near-OOD set
 def heldout_setup(mnist, tmp_path_factory):
     """SmallCNN on digits 0-5 (3 epochs), a bundle (1,200 reference / 400 calibration digits),
     and the gate's scores of 1,000 further in-distribution digits."""
-    from verifier.builder import build_bundle
-    from verifier.bundle import Bundle
-    from verifier.gate import Gatekeeper
-    from verifier.zoo import SmallCNN, mnist_spec, train_classifier
+    from verifier.bundle.builder import build_bundle
+    from verifier.bundle.directory import Bundle
+    from verifier.examples.zoo import SmallCNN, mnist_spec, train_classifier
+    from verifier.runtime.gatekeeper import Gatekeeper
 
     x, y = mnist
     inside = np.flatnonzero(y < IN)
@@ -44,7 +44,7 @@ def heldout_setup(mnist, tmp_path_factory):
 
 
 def _scored(gate, imgs: np.ndarray) -> dict[str, np.ndarray]:
-    from verifier.zoo import preprocess_uint8
+    from verifier.examples.zoo import preprocess_uint8
 
     xs = preprocess_uint8(imgs).numpy()
     parts = [gate.score_batch(xs[i:i + 250]) for i in range(0, len(xs), 250)]
@@ -100,7 +100,7 @@ def test_pac_share_of_draws_above_alpha_within_delta(heldout_setup):
 
 @pytest.mark.parametrize("source", ["photos", "textures", "dicom", "noise"])
 def test_far_ood_rejection_at_least_99_percent(heldout_setup, source):
-    from verifier.datasets import ood_images
+    from verifier.examples.datasets import ood_images
 
     gate, _, _ = heldout_setup
     decisions = gate.gate(ood_images(source, 200, seed=3))
@@ -126,9 +126,9 @@ def test_bundle_records_the_guarantee(heldout_setup, mnist, tmp_path):
     """pac mode is stored in the manifest and used by the gate; decisions stay reproducible."""
     import json
 
-    from verifier.builder import build_bundle
-    from verifier.bundle import Bundle
-    from verifier.gate import Gatekeeper
+    from verifier.bundle.builder import build_bundle
+    from verifier.bundle.directory import Bundle
+    from verifier.runtime.gatekeeper import Gatekeeper
 
     gate, _, _ = heldout_setup
     x, y = mnist
@@ -151,7 +151,7 @@ def test_bundle_records_the_guarantee(heldout_setup, mnist, tmp_path):
 def test_smoothed_and_pac_p_values_against_references():
     """Smoothed p-values equal the textbook count formula (ties included) and are exactly
     uniform; pac p-values reject exactly when C < j*, j* found by a brute-force Beta search."""
-    from verifier.datasets import load_mnist
+    from verifier.examples.datasets import load_mnist
 
     x, _ = load_mnist()
     ink = (x > 127).sum(axis=(1, 2)).astype(np.float64)  # real integer score: many ties
@@ -256,7 +256,7 @@ def test_in_distribution_combiner_round_trip_and_refusals(mnist):
 def test_demo_table_names_the_mode_and_never_calls_a_rate_above_alpha_kept():
     """The demo's table says which guarantee it used; in pac mode a measured rate is called
     within the promise only when it is <= alpha (no +2 sd allowance for the draw)."""
-    from verifier.demo import DemoResult, format_table
+    from verifier.examples.demo import DemoResult, format_table
 
     def table(rate: float, guarantee: str) -> str:
         r = DemoResult(alpha=0.05, guarantee=guarantee, delta=0.1 if guarantee == "pac" else None,

@@ -15,11 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from verifier.backends.onnx_backend import OnnxProbe, export_onnx
-from verifier.datasets import load_mnist, ood_images
-from verifier.probe import ProbeError, open_probe
+from verifier.examples.datasets import load_mnist, ood_images
+from verifier.examples.zoo import SmallCNN, mnist_spec, preprocess_uint8, train_classifier
+from verifier.probe.base import ProbeError
+from verifier.probe.factory import open_probe
+from verifier.probe.onnx_backend import OnnxProbe, export_onnx
 from verifier.spec import ModelSpec, model_fingerprint
-from verifier.zoo import SmallCNN, mnist_spec, preprocess_uint8, train_classifier
 
 torch.set_num_threads(2)
 
@@ -229,7 +230,7 @@ def test_batches_concatenate_like_one_pass(models, batch):
     whole = probe.run(batch.numpy())
     for _ in range(3):  # repeated calls give identical results (no state carried over)
         parts = [probe.run(batch[i:i + 20].numpy()) for i in range(0, len(batch), 20)]
-    from verifier.probe import ProbeResult
+    from verifier.probe.base import ProbeResult
     joined = ProbeResult.concat(parts)
     np.testing.assert_allclose(joined.cam, whole.cam, atol=1e-6)
     np.testing.assert_allclose(joined.logits, whole.logits, atol=1e-6)
@@ -289,7 +290,7 @@ def test_export_restores_training_mode(tmp_path):
 @pytest.mark.parametrize("head", ["gap", "fc"])
 def test_parity_with_torch_probe(models, batch, head):
     """The two backends on the same trained model: same layers' numbers, same maps."""
-    from verifier.backends.torch_backend import TorchProbe
+    from verifier.probe.torch_backend import TorchProbe
 
     model, path = models[head]
     t = TorchProbe(mnist_spec(model)).run(batch.numpy())
@@ -305,7 +306,7 @@ def test_parity_with_torch_probe(models, batch, head):
 def test_parity_with_torch_probe_garbage_output_and_no_linear_layer(tmp_path, batch):
     """A fully convolutional net (no Linear: features = spatial mean of the Grad-CAM layer)
     whose last output is a garbage class the default CAM class must skip."""
-    from verifier.backends.torch_backend import TorchProbe
+    from verifier.probe.torch_backend import TorchProbe
 
     x, y = load_mnist()
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),

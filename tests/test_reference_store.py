@@ -12,7 +12,7 @@ from sklearn.covariance import OAS
 from reference_maps.artifact import ArtifactError
 from reference_maps.canonical import to_grid
 from reference_maps.store import ReferenceStore
-from verifier.datasets import load_mnist  # tests only: real digits as stand-in probe outputs
+from verifier.examples.datasets import (load_mnist)  # tests only: real digits as stand-in probe outputs
 
 CLASSES = [str(d) for d in range(10)]
 FINGERPRINT = "a1b2c3d4e5f6" + "0" * 52

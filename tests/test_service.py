@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import CAL, POOL, TRAIN, write_onnx_model
+from PIL import Image
 
 FIELDS = {"input", "decision", "p_value", "predicted_class", "confidence", "reasons", "scores",
           "p_values", "error"}
@@ -31,7 +30,7 @@ ANSWERED: list[dict] = []  # every decision record a 200 answered, to match agai
 @pytest.fixture(scope="module")
 def file_bundle(tmp_path_factory, mnist, gap_model) -> Path:
     """A bundle a separate process can load: the session's CNN exported to ONNX."""
-    from verifier.builder import build_bundle
+    from verifier.bundle.builder import build_bundle
     from verifier.spec import load_spec
 
     root = tmp_path_factory.mktemp("svc")
@@ -52,7 +51,7 @@ def _start(bundle: Path, tmp: Path, *extra: str) -> tuple[subprocess.Popen, int,
     port = _free_port()
     err = tmp / f"server-{port}.err"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "verifier.cli", "serve", "--bundle", str(bundle),
+    proc = subprocess.Popen([sys.executable, "-m", "verifier.cli.main", "serve", "--bundle", str(bundle),
                              "--port", str(port), *extra], stdout=subprocess.DEVNULL,
                             stderr=open(err, "wb"), env=env)
     deadline = time.monotonic() + 60
@@ -194,7 +193,7 @@ def test_health_openapi_docs(server):
 def test_gate_answers_the_cli_records(server, file_bundle, pngs, mnist):
     """Raw-body answers carry exactly the fields of `gate --json`, the client's file name, and
     the same decisions as the in-process gate on the same files."""
-    from verifier.gate import Gatekeeper
+    from verifier.runtime.gatekeeper import Gatekeeper
 
     port = server["port"]
     answers = [_gate(port, p) for p in pngs[:6]]
@@ -292,7 +291,7 @@ def test_concurrent_requests_share_probe_passes(server, pngs, odd_pngs):
 
 
 def test_token_rule_and_full_queue(file_bundle, tmp_path, pngs, capsys):
-    from verifier.cli import main
+    from verifier.cli.main import main
 
     # beyond loopback without a token: refused at start-up, saying why, exit 2
     assert main(["serve", "--bundle", str(file_bundle), "--host", "0.0.0.0", "--port", "1"]) == 2
@@ -426,9 +425,10 @@ def test_log_buffer_writes_by_size_by_time_and_on_stop(tmp_path):
     import asyncio
     from datetime import datetime, timezone
 
-    from verifier.decision import Decision
-    from verifier.decision_log import DecisionLog
-    from verifier.service import _LogBuffer, _Metrics
+    from verifier.runtime.decision import Decision
+    from verifier.runtime.log import DecisionLog
+    from verifier.service.log import _LogBuffer
+    from verifier.service.metrics import _Metrics
 
     def batch(n: int, tag: str) -> list[Decision]:
         return [Decision.from_error(f"{tag}-{i}.png", "unreadable", None) for i in range(n)]

@@ -7,13 +7,12 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from conftest import POOL
 from torch import nn
 
-from verifier.backends.torch_backend import TorchProbe
-from verifier.probe import ProbeError
-from verifier.zoo import mnist_spec, preprocess_uint8
-
-from conftest import POOL
+from verifier.examples.zoo import mnist_spec, preprocess_uint8
+from verifier.probe.base import ProbeError
+from verifier.probe.torch_backend import TorchProbe
 
 
 def naive_gradcam(model: nn.Module, layer: str, x: torch.Tensor, classes=None) -> tuple[np.ndarray, np.ndarray]:

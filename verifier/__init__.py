@@ -7,19 +7,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .decision import Decision
-from .spec import ModelSpec, SpecError, load_spec
+from verifier.runtime.decision import Decision
+from verifier.spec import ModelSpec, SpecError, load_spec
 
 __version__ = "0.1.0"
 __all__ = ["Decision", "Gatekeeper", "ModelSpec", "SpecError", "load_spec", "__version__"]
 
 if TYPE_CHECKING:
-    from .gate import Gatekeeper
+    from verifier.runtime.gatekeeper import Gatekeeper
 
 
 def __getattr__(name: str) -> Any:
     # Gatekeeper pulls in torch/onnxruntime; import it only when asked for.
     if name == "Gatekeeper":
-        from .gate import Gatekeeper
+        from verifier.runtime.gatekeeper import Gatekeeper
         return Gatekeeper
     raise AttributeError(name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .registry import AttributionError, Method, register
+from verifier.attribution.registry import AttributionError, Method, register
 
 _REFUSAL = ("cam needs the target layer to be followed by global average pooling and one "
             "linear layer that gives the logits; {why}. Use gradcam (on such a head it equals "
@@ -34,7 +34,7 @@ def cam_torch(p) -> np.ndarray:
 
 
 def cam_onnx(p) -> np.ndarray:
-    from ..backends import onnx_graph as og
+    import verifier.probe.onnx_graph as og
 
     _, act = p.base()
     tail = og.gap_linear_tail(p.info, p.layer)

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..spec import ModelSpec, load_spec
-from .registry import AttributionError, get_method, onnx_methods
+from verifier.attribution.registry import AttributionError, get_method, onnx_methods
+from verifier.spec import ModelSpec, load_spec
 
 __all__ = ["attribute", "attribute_many", "explain", "Explanation", "predictor", "backend_of"]
 
@@ -62,13 +62,13 @@ def explain(model: Any, x: np.ndarray, methods: Sequence[str], target: Any = Non
     kind, obj, spec, bare = _resolve_model(model, x)
     if kind == "onnx":
         check_backend(spec, [m.name for m in chosen])
-        from .onnx_pass import OnnxPass
+        from verifier.attribution.onnx_pass import OnnxPass
 
         p = OnnxPass(spec, np.asarray(x), layer, target, needs, bare=bare)
         maps = {m.name: np.asarray(m.onnx(p), dtype=np.float64) for m in chosen}
         return Explanation(maps, p.targets, softmax(p.logits, axis=1), p.layer)
-    from ..backends.torch_backend import probe_state_restored
-    from .torch_pass import TorchPass
+    from verifier.attribution.torch_pass import TorchPass
+    from verifier.probe.torch_backend import probe_state_restored
 
     with probe_state_restored(obj):
         p = TorchPass(obj, x, layer, target, needs, spec=spec)
@@ -83,13 +83,13 @@ def predictor(model: Any, channels: int, size: tuple[int, int]) -> Callable[[np.
     probe_x = np.zeros((1, channels, *size), dtype=np.float32)
     kind, obj, spec, bare = _resolve_model(model, probe_x)
     if kind == "onnx":
-        from .onnx_pass import OnnxPass
+        from verifier.attribution.onnx_pass import OnnxPass
 
         p = OnnxPass(spec, probe_x, "auto", None, frozenset(), bare=bare)
         return p.forward
     import torch
 
-    from ..backends.torch_backend import probe_state_restored
+    from verifier.probe.torch_backend import probe_state_restored
 
     dev = next(iter(obj.parameters()), torch.zeros(())).device
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .registry import Method, register
-from .chunks import rows_per_chunk as _rows
-
+from verifier.attribution.chunks import rows_per_chunk as _rows
+from verifier.attribution.registry import Method, register
 
 
 def crm_torch(p) -> np.ndarray:

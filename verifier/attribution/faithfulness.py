@@ -13,8 +13,8 @@ import numpy as np
 from scipy.integrate import trapezoid
 from scipy.special import softmax
 
-from .chunks import rows_per_chunk
-from .scorecam import _align_corners_matrix
+from verifier.attribution.chunks import rows_per_chunk
+from verifier.attribution.scorecam import _align_corners_matrix
 
 __all__ = ["Faithfulness", "deletion_insertion"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .registry import Method, register
+from verifier.attribution.registry import Method, register
 
 
 def gradcam_torch(p) -> np.ndarray:

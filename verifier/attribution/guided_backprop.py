@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .registry import Method, register
-from .saliency import input_gradient
+from verifier.attribution.registry import Method, register
+from verifier.attribution.saliency import input_gradient
 
 
 class _GuidedReLU(torch.autograd.Function):

@@ -1,6 +1,6 @@
 """The onnxruntime path of `attribute`: target activation, tail sub-model, masked forwards.
 
-`OnnxPass` reuses the ONNX backend's graph surgery (`verifier.backends.onnx_graph`): one
+`OnnxPass` reuses the ONNX backend's graph surgery (`verifier.probe.onnx_graph`): one
 session returns the logits and the target activation (plus any tensors the tail reads
 from earlier layers), a second runs the extracted tail, in float64 where onnxruntime has
 float64 kernels for every tail op. No input gradients exist on this path.
@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import onnx_backend as ob
-from ..backends import onnx_graph as og
-from ..probe import ProbeError
-from ..spec import ModelSpec
-from .registry import AttributionError, resolve_targets
-from .chunks import rows_per_chunk as _rows
+import verifier.probe.onnx_backend as ob
+import verifier.probe.onnx_graph as og
+from verifier.attribution.chunks import rows_per_chunk as _rows
+from verifier.attribution.registry import AttributionError, resolve_targets
+from verifier.probe.base import ProbeError
+from verifier.spec import ModelSpec
 
 __all__ = ["OnnxPass"]
 

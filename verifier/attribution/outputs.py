@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .scorecam import _align_corners_matrix
+from verifier.attribution.scorecam import _align_corners_matrix
 
 __all__ = ["OutputDir", "overlay_rgb", "MANIFEST", "FORMAT", "FORMAT_VERSION"]
 

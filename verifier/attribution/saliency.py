@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .registry import Method, register
+from verifier.attribution.registry import Method, register
 
 
 def input_gradient(p, hooks=()) -> torch.Tensor:
     """dy_c/dx (N, C, H, W) in one batched backward (images are independent in eval mode)."""
-    from .torch_pass import hooked
+    from verifier.attribution.torch_pass import hooked
 
     xi = p.x.detach().clone().requires_grad_(True)
     with hooked(*hooks), torch.enable_grad():

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .registry import Method, register
+from verifier.attribution.registry import Method, register
 
 
 def sam_torch(p) -> np.ndarray:
-    from .torch_pass import hooked
+    from verifier.attribution.torch_pass import hooked
 
     box: dict[str, torch.Tensor] = {}
 

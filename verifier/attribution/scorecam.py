@@ -10,9 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .registry import Method, register
-from .chunks import rows_per_chunk as _rows
-
+from verifier.attribution.chunks import rows_per_chunk as _rows
+from verifier.attribution.registry import Method, register
 
 
 def scorecam_torch(p) -> np.ndarray:

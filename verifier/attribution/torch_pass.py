@@ -10,15 +10,16 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
 
-from ..backends.torch_backend import resolve_layers
-from ..probe import ProbeError
-from ..spec import ModelSpec
-from .chunks import rows_per_chunk as _rows
-from .registry import AttributionError, resolve_targets
+from verifier.attribution.chunks import rows_per_chunk as _rows
+from verifier.attribution.registry import AttributionError, resolve_targets
+from verifier.probe.base import ProbeError
+from verifier.probe.torch_backend import resolve_layers
+from verifier.spec import ModelSpec
 
 __all__ = ["TorchPass", "hooked"]
 

@@ -1,0 +1,189 @@
+"""Pre-deployment model audit: does a candidate model decide from what the trusted reference reads?
+
+`audit(bundle, candidate, data)` probes the bundle's reference model and the candidate on the
+same labelled images and returns an `AuditResult` (verdict, checks with figures, thresholds
+and reasons): the checks live in `audit_evidence` (region swaps, attribution sanity) and
+`audit_checks` (maps, accuracy, garbage, regions); docs/audit.md says why each one decides.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from reference_maps.canonical import to_grid
+from verifier.audit.checks import (ModelRun, accuracy_check, channel_check, class_means,
+                                   disagreement_order, garbage_check, load_masks, per_class_check,
+                                   per_image_check, region_checks, same_class_partner, worst_pixels)
+from verifier.audit.evidence import (SHIFT_FLOOR, evidence_check, evidence_inputs,
+                                     faithfulness_check, randomisation_check)
+from verifier.audit.result import (AUDIT_FORMAT_VERSION, CHECK_NAMES, AuditError, AuditEvidence,
+                                   AuditResult, Check, SwapEvidence)
+from verifier.bundle.builder import LabelledData
+from verifier.bundle.directory import Bundle
+from verifier.probe.base import Probe
+from verifier.probe.factory import open_probe
+from verifier.scoring.comparator import ATTENTION_MEASURES
+from verifier.scoring.measures import compare_maps
+from verifier.spec import ModelSpec
+
+__all__ = ["audit", "AuditResult", "Check", "AuditEvidence", "SwapEvidence",
+           "AuditError", "CHECK_NAMES", "AUDIT_FORMAT_VERSION", "SHIFT_FLOOR"]
+
+
+def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, roi: Any = None,
+          quantile: float | None = None, min_measures: int = 4, tolerance: float = 2.0,
+          accuracy_margin: float = 0.02, evidence_images: int = 400, grid: int = 7,
+          unused_level: float = 0.2, shift_floor: float = SHIFT_FLOOR,
+          attention_decides: bool = False, sanity: bool = True, seed: int = 0,
+          batch_size: int = 64, worst: int = 8, reference_probe: Probe | None = None,
+          candidate_probe: Probe | None = None) -> AuditResult:
+    """Audit `candidate` against the bundle's reference model on labelled `data`.
+
+    data: a folder DIR/<class>/..., a CSV `path,label`, (images, labels) arrays or a
+    `LabelledData`. ood: a folder or raw-pixel array (N, H, W[, C]) of images both models
+    should reject. roi: a folder of masks (ROI/<class>.png, or one mask per image at the
+    image's path relative to the data folder) or an array of masks, (K, h, w) per class or
+    (N, h, w) per image.
+
+    The verdict rests on where the candidate's decisions come from (the region-swap evidence
+    check: `evidence_images` images, a `grid` x `grid` lattice, cells the reference leaves below
+    `unused_level` of its peak reliance, failing beyond `shift_floor`), on paired accuracy
+    (exact McNemar; failing when significantly worse by more than `accuracy_margin`), on the
+    early feature maps and, when given, OOD rejection and expected regions. The seven-measure
+    Grad-CAM comparisons are reported; they decide only with `attention_decides` (Grad-CAM
+    maps of two heads differ for suitable models; docs/audit.md). quantile, tolerance and
+    min_measures set those map checks' thresholds (see docs/audit.md).
+    """
+    q = float(bundle.alpha if quantile is None else quantile)
+    if not 0.0 < q < 0.5:
+        raise ValueError(f"quantile must be in (0, 0.5), got {q}")
+    if not 1.0 <= tolerance <= 1.0 / q:
+        raise ValueError(f"tolerance must be in [1, 1/quantile], got {tolerance}")
+    if not 1 <= min_measures <= len(ATTENTION_MEASURES):
+        raise ValueError(f"min_measures must be in [1, {len(ATTENTION_MEASURES)}]")
+    if not 0.0 <= accuracy_margin < 1.0:
+        raise ValueError(f"accuracy_margin must be in [0, 1), got {accuracy_margin}")
+    if not 0.0 < unused_level < 1.0:
+        raise ValueError(f"unused_level must be in (0, 1), got {unused_level}")
+    if tuple(candidate.classes) != tuple(bundle.classes):
+        raise AuditError(f"the candidate's classes {list(candidate.classes)} differ from the "
+                         f"reference's {list(bundle.classes)} (same names, same order needed)")
+    ref_probe = reference_probe or open_probe(bundle.spec)
+    cand_probe = candidate_probe or open_probe(candidate)
+    labelled = LabelledData.from_source(data, bundle.classes)
+    runs = _probe_pair(bundle, candidate, ref_probe, cand_probe, labelled, batch_size)
+    ref, cand, labels = runs.ref, runs.cand, runs.labels
+    store, k = bundle.store, bundle.spec.num_classes
+
+    agreement = compare_maps(cand.cam, ref.cam, ATTENTION_MEASURES)
+    self_agree = compare_maps(ref.cam, store.cam_reference[labels], ATTENTION_MEASURES)
+    e_agree = compare_maps(cand.early, ref.early, ATTENTION_MEASURES, prefix="early_")
+    e_self = compare_maps(ref.early, store.early_reference[labels], ATTENTION_MEASURES, prefix="early_")
+    partner = same_class_partner(labels)
+    pair_null = compare_maps(ref.cam, ref.cam[partner], ATTENTION_MEASURES)
+    e_pair_null = compare_maps(ref.early, ref.early[partner], ATTENTION_MEASURES, prefix="early_")
+    cand_class = class_means(cand.cam, labels, k)
+    cand_class_early = class_means(cand.early, labels, k)
+
+    sub = evidence_inputs(labelled, runs.kept, labels, bundle.spec, candidate, evidence_images,
+                           seed, batch_size)
+    swap_check, swaps = evidence_check(sub, ref_probe, cand_probe, k, grid, unused_level,
+                                        shift_floor, seed, worst, bundle.classes)
+    attention = [
+        per_image_check("attention_per_image", "attention", agreement, pair_null, q, tolerance,
+                         min_measures),
+        per_class_check("attention_per_class", "attention", cand_class, store.cam_reference,
+                         self_agree, labels, bundle.classes, q, tolerance, min_measures, ""),
+    ]
+    for c in attention:
+        c.decisive = attention_decides
+    checks = [
+        swap_check,
+        accuracy_check(ref, cand, labels, k, accuracy_margin),
+        *attention,
+        per_image_check("early_per_image", "early_features", e_agree, e_pair_null, q, tolerance,
+                         min_measures),
+        per_class_check("early_per_class", "early_features", cand_class_early,
+                         store.early_reference, e_self, labels, bundle.classes, q, tolerance, min_measures,
+                         "early_"),
+        channel_check(store, ref, cand, labels, q, ref_probe, cand_probe),
+    ]
+    if sanity:
+        checks.append(randomisation_check(candidate, cand_probe, sub.x_cand[:64], sub.labels[:64]))
+        checks.append(faithfulness_check(cand_probe, ref_probe, sub, candidate, bundle.spec, k,
+                                          grid, seed))
+    if ood is not None:
+        checks.append(garbage_check(bundle, candidate, ref_probe, cand_probe, ref, cand, ood, q,
+                                     batch_size))
+    if roi is not None:
+        masks = load_masks(roi, labelled, runs.kept, labels, bundle, data)
+        checks.extend(region_checks(ref.cam, cand.cam, masks, tolerance * q))
+    verdict = "FAIL" if any(c.passed is False and c.decisive for c in checks) else "PASS"
+    order = disagreement_order(agreement)[:max(0, int(worst))]
+    pixels, sources = worst_pixels(labelled, runs.kept[order], bundle.spec, batch_size)
+    evidence = AuditEvidence(labels=labels, ref_cam=ref.cam, cand_cam=cand.cam,
+                             agreement={**agreement, **e_agree},
+                             self_agreement={**pair_null, **e_pair_null},
+                             class_agreement={**self_agree, **e_self},
+                             ref_class_cam=class_means(ref.cam, labels, k), cand_class_cam=cand_class,
+                             store_cam=store.cam_reference, worst=order, worst_pixels=pixels,
+                             worst_sources=sources, swaps=swaps)
+    return AuditResult(verdict=verdict, checks=checks, classes=tuple(bundle.classes),
+                       n_images=len(labels), quantile=q,
+                       reference=_describe(bundle.spec, ref_probe),
+                       candidate=_describe(candidate, cand_probe), evidence=evidence)
+
+
+# ------------------------------------------------------------------ probing
+@dataclass
+class _Pair:
+    ref: ModelRun
+    cand: ModelRun
+    labels: np.ndarray
+    kept: np.ndarray  # indices into the labelled data of the images both models read
+
+
+def _probe_pair(bundle: Bundle, candidate: ModelSpec, ref_probe: Probe, cand_probe: Probe,
+                data: LabelledData, batch_size: int) -> _Pair:
+    """Both models on the same images, each preprocessed by its own spec, Grad-CAM of the
+    true class; images either model cannot read are left out of both."""
+    grid = bundle.store.grid
+    parts: dict[str, list[list[np.ndarray]]] = {"ref": [], "cand": []}
+    kept, start = [], 0
+    for (r_rec, r_x), (c_rec, c_x) in zip(_batches(data, bundle.spec, batch_size),
+                                          _batches(data, candidate, batch_size)):
+        r_ok = np.array([r.error is None for r in r_rec])
+        c_ok = np.array([r.error is None for r in c_rec])
+        both = r_ok & c_ok
+        idx = start + np.flatnonzero(both)
+        start += len(r_rec)
+        if not both.any():
+            continue
+        lab = data.labels[idx]
+        for key, probe, x, ok in (("ref", ref_probe, r_x, r_ok), ("cand", cand_probe, c_x, c_ok)):
+            res = probe.run(x[both[ok]], classes=lab)
+            parts[key].append([res.logits, to_grid(res.cam, grid), to_grid(res.early_map, grid),
+                               res.early_stats])
+        kept.append(idx)
+    if not kept:
+        raise AuditError("no audit image could be read by both models")
+    runs = {key: ModelRun(*(np.concatenate([p[i] for p in ps]) for i in range(4)))
+            for key, ps in parts.items()}
+    kept_idx = np.concatenate(kept)
+    return _Pair(runs["ref"], runs["cand"], data.labels[kept_idx].astype(np.int64), kept_idx)
+
+
+def _batches(data: LabelledData, spec: ModelSpec, batch_size: int) -> Iterator[tuple[list, np.ndarray]]:
+    from verifier.data import iter_batches
+
+    return iter_batches(data.inputs, spec, batch_size=batch_size)
+
+
+def _describe(spec: ModelSpec, probe: Probe) -> dict[str, Any]:
+    return {"model": str(spec.path) if spec.path is not None else type(spec.module).__name__,
+            "fingerprint": probe.fingerprint, "target_layer": probe.target_layer,
+            "early_layer": probe.early_layer, "gradient_method": probe.gradient_method,
+            "input_size": list(spec.size), "channels": spec.channels}

@@ -1,1 +1,0 @@
-"""Model backends implementing the probe contract of `verifier.probe`."""

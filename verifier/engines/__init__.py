@@ -1,0 +1,2 @@
+"""Where build, gate and audit run: `local` (this process, the default) or `ray` (a Ray cluster;
+the `[ray]` extra)."""

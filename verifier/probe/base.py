@@ -1,0 +1,70 @@
+"""The probe contract: one batched pass of a model backend, and what it returns.
+
+Backends (`verifier.probe.torch_backend`, `verifier.probe.onnx_backend`)
+implement `Probe`; `open_probe(spec)` picks the one the spec needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["ProbeResult", "Probe", "ProbeError"]
+
+
+class ProbeError(RuntimeError):
+    """The model cannot be probed as asked (bad layer name, non-image model, ...)."""
+
+
+@dataclass
+class ProbeResult:
+    """What one batched pass yields for N images (all float32 numpy, on the CPU).
+
+    logits:      (N, K_out) raw model outputs (K_out includes a garbage output if the model has one)
+    features:    (N, D) penultimate features (input of the last linear layer)
+    cam:         (N, h, w) Grad-CAM of `cam_class` at the target layer, ReLU applied, native resolution
+    cam_class:   (N,) int64 class index each map explains (argmax of logits unless requested)
+    early_map:   (N, h2, w2) early-layer activation aggregated over channels: mean of |A|
+    early_stats: (N, C) per-channel spatial mean of the early-layer activation
+    block_stats: per conv block in execution order, (N, C_b) per-channel spatial mean of the
+                 block's output (the conv advanced through its BatchNorm/activation), from
+                 the same pass; empty for a probe that does not expose them
+    """
+
+    logits: np.ndarray
+    features: np.ndarray
+    cam: np.ndarray
+    cam_class: np.ndarray
+    early_map: np.ndarray
+    early_stats: np.ndarray
+    block_stats: tuple[np.ndarray, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    @staticmethod
+    def concat(parts: list[ProbeResult]) -> ProbeResult:
+        """Join per-batch results along the batch axis."""
+        blocks = tuple(np.concatenate([p.block_stats[b] for p in parts], axis=0)
+                       for b in range(min(len(p.block_stats) for p in parts)))
+        return ProbeResult(*(np.concatenate([getattr(p, f) for p in parts], axis=0)
+                             for f in ("logits", "features", "cam", "cam_class",
+                                       "early_map", "early_stats")), block_stats=blocks)
+
+
+class Probe(Protocol):
+    """One backend bound to one model. `run` takes preprocessed (N, C, H, W) float32."""
+
+    target_layer: str       # resolved layer/tensor name used for Grad-CAM
+    early_layer: str        # resolved layer/tensor name used for early maps
+    gradient_method: str    # how d(logit)/d(activation) is computed, for reports
+    fingerprint: str        # sha256 of the model (file bytes or state dict)
+
+    def run(self, x: np.ndarray, classes: np.ndarray | None = None) -> ProbeResult:
+        """One batched pass; `classes` (N,) picks the class each Grad-CAM explains."""
+        ...
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Forward pass only: (N, K_out) logits, no attribution (for counterfactual tests)."""
+        ...

@@ -1,0 +1,20 @@
+"""Opening the probe for a spec: the backend registry (torch for nn.Modules, onnxruntime
+for .onnx files and TorchScript exported in memory). The contract in `base` knows no backend;
+backends are imported here, lazily, so importing the contract never loads torch or onnxruntime."""
+from __future__ import annotations
+
+from verifier.probe.base import Probe
+from verifier.spec import ModelSpec
+
+__all__ = ["open_probe"]
+
+
+def open_probe(spec: ModelSpec, device: str | None = None) -> Probe:
+    """The backend probe for a spec: torch for nn.Modules, onnxruntime for .onnx
+    files, and TorchScript files through an in-memory ONNX export."""
+    backend = spec.backend
+    if backend == "torch":
+        from verifier.probe.torch_backend import TorchProbe
+        return TorchProbe(spec, device=device)
+    from verifier.probe.onnx_backend import OnnxProbe
+    return OnnxProbe(spec, device=device)

@@ -1,0 +1,112 @@
+"""Comparator: scores a batch of probe results against the reference store of their class.
+
+Names: the seven measures on Grad-CAM maps (`iou` ... `wasserstein`), the same on
+early maps (`early_iou` ...), `early_mahalanobis` on early channel statistics, and
+where the store holds depth features: `feat_conv<i>_mahalanobis` (channel means of conv
+block i), `penultimate_mahalanobis`, `knn`, and the model's own `msp` and `energy`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.special import logsumexp, softmax
+
+from reference_maps.canonical import to_grid
+from reference_maps.store import ReferenceStore
+from verifier.probe.base import ProbeResult
+from verifier.scoring.measures import MEASURES, compare_maps, measure_direction
+
+__all__ = ["Comparator", "ATTENTION_MEASURES", "FAMILIES", "score_family", "higher_is_worse",
+           "depth_scores"]
+
+#: families of checks, in the order `reasons` names them
+FAMILIES: tuple[str, ...] = ("garbage", "attention", "early_features", "features", "output")
+
+#: the seven measures of the method, in report order
+ATTENTION_MEASURES: tuple[str, ...] = ("iou", "dice", "ssim", "cosine", "pearson", "kl", "wasserstein")
+
+
+class Comparator:
+    """Scores (N,) per measure for a `ProbeResult` against `store`'s class references."""
+
+    def __init__(self, store: ReferenceStore, measures: Sequence[str] | None = None,
+                 early_measures: Sequence[str] | None = None) -> None:
+        self.store = store
+        self.measures = tuple(measures or ATTENTION_MEASURES)
+        self.early_measures = tuple(early_measures or ATTENTION_MEASURES)
+        unknown = [m for m in (*self.measures, *self.early_measures) if m not in MEASURES]
+        if unknown:
+            raise ValueError(f"unknown measure(s) {unknown}; registered: {sorted(MEASURES)}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Score names this comparator produces, in order."""
+        base = (*self.measures, *(f"early_{m}" for m in self.early_measures), "early_mahalanobis")
+        feats = self.store.features
+        if feats is None:  # a store built before depth features: the original scores only
+            return base
+        blocks = tuple(f"feat_conv{i + 1}_mahalanobis" for i in range(len(feats.dims) - 1))
+        return (*base, *blocks, "penultimate_mahalanobis", "knn", "msp", "energy")
+
+    def canonical(self, result: ProbeResult) -> tuple[np.ndarray, np.ndarray]:
+        """(cam, early_map) of a result on the store's grid, canonical form, (N, G, G) each."""
+        return to_grid(result.cam, self.store.grid), to_grid(result.early_map, self.store.grid)
+
+    def score(self, result: ProbeResult, classes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Every score for every image against the reference of `classes` (default: cam_class)."""
+        cls = np.asarray(result.cam_class if classes is None else classes, dtype=np.int64)
+        cam, early = self.canonical(result)
+        scores = compare_maps(cam, self.store.cam_reference[cls], self.measures)
+        scores.update(compare_maps(early, self.store.early_reference[cls], self.early_measures,
+                                   prefix="early_"))
+        scores["early_mahalanobis"] = self.store.mahalanobis(result.early_stats, cls)
+        if self.store.features is not None:
+            scores.update(depth_scores(self.store, result))
+        return scores
+
+
+def depth_scores(store: ReferenceStore, result: ProbeResult) -> dict[str, np.ndarray]:
+    """Feature-space and output scores, each (N,) float64, higher = worse except `msp`:
+    `feat_conv<i>_mahalanobis` and `penultimate_mahalanobis` (squared Mahalanobis distance
+    to the nearest class mean, tied OAS-shrunk covariance, Lee et al. 2018), `knn` (distance
+    of the L2-normalised penultimate features to their 50th nearest reference, Sun et al.
+    2022), `msp` (maximum softmax probability, Hendrycks & Gimpel 2017) and `energy`
+    (-logsumexp of the logits, Liu et al. 2020), over the store's K real classes."""
+    feats = store.features
+    assert feats is not None
+    n_blocks = len(feats.dims) - 1
+    if len(result.block_stats) != n_blocks:
+        raise ValueError(f"the probe exposes {len(result.block_stats)} conv blocks, the reference "
+                         f"store {n_blocks}: this bundle was built with another probe layout")
+    out = {f"feat_conv{i + 1}_mahalanobis": feats.mahalanobis(i, result.block_stats[i])
+           for i in range(n_blocks)}
+    out["penultimate_mahalanobis"] = feats.mahalanobis(n_blocks, result.features)
+    out["knn"] = feats.knn_distance(result.features)
+    logits = np.asarray(result.logits[:, : len(store.classes)], dtype=np.float64)
+    out["msp"] = softmax(logits, axis=1).max(axis=1)
+    out["energy"] = -logsumexp(logits, axis=1)
+    return out
+
+
+def score_family(name: str) -> str:
+    """The check a score belongs to: 'garbage', 'attention', 'early_features', 'features'
+    (deeper feature statistics: `feat_*`, `penultimate_*`, `knn`) or 'output' (`msp`, `energy`)."""
+    if name == "garbage":
+        return "garbage"
+    if name.startswith("early_"):
+        return "early_features"
+    if name.startswith(("feat_", "penultimate_")) or name == "knn":
+        return "features"
+    if name in ("msp", "energy"):
+        return "output"
+    return "attention"
+
+
+def higher_is_worse(name: str) -> bool:
+    """Direction of a score: True when a larger value means less in-distribution."""
+    if name == "msp":
+        return False
+    if score_family(name) in ("garbage", "features", "output") or name == "early_mahalanobis":
+        return True
+    return not measure_direction(name)

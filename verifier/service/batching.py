@@ -1,0 +1,157 @@
+"""The service's micro-batcher: queued uploads gathered for `batch_wait_ms` (or `max_batch`)
+into one `Gatekeeper.gate` pass on the single probe thread, each decision routed back to its request.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+import time
+from collections import Counter as _Tally
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from verifier.data import load_images
+from verifier.runtime.decision import Decision
+from verifier.runtime.gatekeeper import Gatekeeper
+from verifier.service.config import ServiceConfig
+from verifier.service.log import _LogBuffer
+from verifier.service.metrics import _Metrics
+from verifier.service.review import _outcome, _Review
+
+__all__ = ["QueueFull", "_Batcher", "_Job"]
+
+log = logging.getLogger("verifier.service.app")
+
+
+class _Host(Protocol):
+    """What the batcher uses of the service state (`verifier.service.state._State`)."""
+
+    gate: Gatekeeper
+    cfg: ServiceConfig
+    metrics: _Metrics
+    review: _Review
+    logbuf: _LogBuffer | None
+    probe_pool: ThreadPoolExecutor
+
+
+@dataclass
+class _Job:
+    """One uploaded image waiting for its decision."""
+
+    data: bytes
+    name: str
+    suffix: str
+    future: asyncio.Future = field(repr=False)
+
+
+class QueueFull(Exception):
+    """More images are waiting than `ServiceConfig.queue` allows."""
+
+
+class _Batcher:
+    """Gathers jobs for up to `batch_wait_ms` (or `max_batch` of them) into one `Gatekeeper.gate`
+    call on the probe thread, then routes each decision back to its request."""
+
+    def __init__(self, state: _Host) -> None:
+        self.state = state
+        self.waiting = 0        # queued, not yet in a probe pass
+        self.pending = 0        # queued or in a pass, not yet answered
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def submit(self, jobs: Sequence[_Job]) -> list[Decision]:
+        cfg = self.state.cfg
+        if self.pending + len(jobs) > cfg.queue:
+            raise QueueFull(f"{self.pending} images are waiting (queue {cfg.queue}); retry shortly")
+        assert self._queue is not None
+        self.pending += len(jobs)
+        self.waiting += len(jobs)
+        for j in jobs:
+            self._queue.put_nowait(j)
+        try:
+            return list(await asyncio.gather(*(j.future for j in jobs)))
+        finally:
+            self.pending -= len(jobs)
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        q, cfg = self._queue, self.state.cfg
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await q.get()]
+            deadline = loop.time() + cfg.batch_wait_ms / 1000.0
+            while len(batch) < cfg.max_batch:  # gather for batch_wait_ms or up to max_batch
+                while len(batch) < cfg.max_batch and not q.empty():
+                    batch.append(q.get_nowait())
+                left = deadline - loop.time()
+                if left <= 0 or len(batch) >= cfg.max_batch:
+                    break
+                await asyncio.sleep(min(left, 0.001))
+            self.waiting -= len(batch)
+            try:
+                decisions = await loop.run_in_executor(self.state.probe_pool, self._gate, batch)
+            except Exception as e:  # the gate itself failed: every request of the batch learns why
+                log.exception("probe pass failed")
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            for j, d in zip(batch, decisions):
+                if not j.future.done():
+                    j.future.set_result(d)
+
+    def _gate(self, batch: list[_Job]) -> list[Decision]:
+        """On the probe thread: files in a temporary folder -> one gate call -> decisions
+        named after the client's files; logged and recorded before anyone is answered."""
+        st = self.state
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="verifier-serve-") as tmp:
+            paths = []
+            for i, j in enumerate(batch):
+                p = Path(tmp) / f"{i}{j.suffix}"
+                p.write_bytes(j.data)
+                paths.append(p)
+            decisions = st.gate.gate(paths, workers=1)  # a micro-batch of small uploads: inline
+            if len(decisions) != len(batch):
+                raise RuntimeError(f"gate answered {len(decisions)} decisions for {len(batch)} files")
+            for d, p, j in zip(decisions, paths, batch):
+                d.input = j.name
+                if d.error:  # the decoder names the temporary file; the client knows its own name
+                    d.error = d.error.replace(str(p), j.name)
+            rejected = [i for i, d in enumerate(decisions) if not d.accepted and not d.error]
+            keep = rejected[-st.cfg.review_keep:]
+            pixels = _pixels(paths, keep, st.gate) if keep else {}
+        now = datetime.now(timezone.utc)
+        if st.logbuf is not None:
+            st.logbuf.add(decisions, now)
+        st.review.record(decisions, pixels, now)
+        m = st.metrics
+        m.batch_size.observe(len(batch))
+        m.batch_seconds.observe(time.perf_counter() - t0)
+        for outcome, n in _Tally(_outcome(d) for d in decisions).items():
+            m.decisions.labels(outcome).inc(n)
+        return decisions
+
+
+def _pixels(paths: list[Path], idx: list[int], gate: Gatekeeper) -> dict[int, np.ndarray]:
+    """Preprocessed (C, H, W) pixels of the rejected images kept for /review."""
+    recs = load_images([paths[i] for i in idx], gate.bundle.spec, workers=1)
+    return {i: r.pixels for i, r in zip(idx, recs) if r.pixels is not None}
