@@ -14,7 +14,8 @@ import pytest
 import skimage.data as skd
 from PIL import Image
 
-from verifier.data import (IMAGE_SUFFIXES, DatasetError, InputError, decode_image, iter_batches,
+from verifier.data import (IMAGE_SUFFIXES, MAX_FILE_BYTES, DatasetError, EncodedImage, InputError,
+                           decode_image, iter_batches,
                            labelled_dataset, load_images, pixels_from_array, preprocess,
                            save_dataset)
 from verifier.examples.datasets import dicom_test_files, load_mnist
@@ -255,6 +256,39 @@ def test_each_bad_input_is_its_own_error_record(tmp_path, digits, camera):
     assert recs[0].pixels.shape == (1, 28, 28) and recs[0].pixels.dtype == np.float32
     assert recs[0].digest == "sha256:" + hashlib.sha256(raw).hexdigest()
     assert recs[1].digest is not None and recs[-2].digest is None  # corrupt was read; missing was not
+
+
+def test_in_memory_files_decode_as_the_same_files_on_disk(tmp_path, digits, camera):
+    """An upload held in memory (`EncodedImage`, what the service gates) gives the pixels and
+    digest of the same bytes read from a file, and the same per-input error records, named
+    after the client's file name; the decoder follows the suffix hint when the name has none."""
+    files = {"a.png": digits[0][0], "b.jpg": digits[0][1], "c.tif": camera[:40, :50]}
+    for name, arr in files.items():
+        Image.fromarray(arr).save(tmp_path / name)
+    np.save(tmp_path / "d.npy", digits[0][2].astype(np.float32) / 255.0)
+    names = [*files, "d.npy"]
+    on_disk = load_images([tmp_path / n for n in names], _spec(), workers=1)
+    in_memory = load_images([EncodedImage(n, (tmp_path / n).read_bytes()) for n in names], _spec(),
+                            workers=1)
+    for disk, mem, name in zip(on_disk, in_memory, names):
+        assert disk.ok and mem.ok and mem.source == name
+        np.testing.assert_array_equal(mem.pixels, disk.pixels)
+        assert mem.digest == disk.digest
+    # a name without suffix: the bytes' magic decides, with or without the suffix hint
+    npy = (tmp_path / "d.npy").read_bytes()
+    hinted = load_images([EncodedImage("upload-7", npy, ".npy"), EncodedImage("upload-8", npy)],
+                         _spec(), workers=1)
+    for rec in hinted:
+        np.testing.assert_array_equal(rec.pixels, on_disk[3].pixels)
+    bad = load_images([EncodedImage("empty.png", b""),
+                       EncodedImage("trunc.png", (tmp_path / "a.png").read_bytes()[:40]),
+                       EncodedImage("big.png", b"\0" * (MAX_FILE_BYTES + 1))], _spec(), workers=1)
+    for rec, cause in zip(bad, ["empty", "corrupt", "over the"]):
+        assert not rec.ok and rec.source in rec.error and cause in rec.error, rec.error
+    # the streaming path and a bare (single) upload take them too
+    (records, x), = iter_batches(EncodedImage("a.png", (tmp_path / "a.png").read_bytes()), _spec(),
+                                 workers=1)
+    np.testing.assert_array_equal(x[0], on_disk[0].pixels)
 
 
 # ------------------------------------------------------------------ preprocess

@@ -14,11 +14,27 @@ from typing import Any
 
 import numpy as np
 
-from verifier.data.decode import _decode_bytes_for_spec, _read_bytes
+from verifier.data.decode import MAX_FILE_BYTES, _decode_bytes_for_spec, _read_bytes
 from verifier.data.folders import _suffix_list, _walk_images
 from verifier.data.pixels import MAX_PIXELS, InputError, pixels_from_array, safe_name
 from verifier.data.preprocess import preprocess
 from verifier.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes held in memory (an HTTP upload), decoded like a file of that name:
+    the same decoders, guards and error records, with no temporary file. `name` (the client's
+    file name) names the input; its suffix, or `suffix` when given (e.g. from a Content-Type),
+    picks the decoder where the bytes do not say."""
+
+    name: str
+    data: bytes
+    suffix: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"EncodedImage.data must be bytes, got {type(self.data).__name__}")
 
 
 @dataclass
@@ -160,7 +176,7 @@ def _array_batches(inputs: np.ndarray, spec: ModelSpec, batch_size: int,
         yield records, batch
 
 
-_Item = tuple[str, "Path | np.ndarray | None", "int | None", "str | None"]
+_Item = tuple[str, "Path | np.ndarray | EncodedImage | None", "int | None", "str | None"]
 
 
 def _expand(inputs: Any, labels: Sequence[int | None] | None) -> Iterator[_Item]:
@@ -173,7 +189,7 @@ def _expand(inputs: Any, labels: Sequence[int | None] | None) -> Iterator[_Item]
         for i in range(len(inputs)):
             yield f"array[{i}]", inputs[i], None if labels is None else labels[i], None
         return
-    if isinstance(inputs, (str, os.PathLike)):
+    if isinstance(inputs, (str, os.PathLike, EncodedImage)):
         inputs = [inputs]  # one path given bare; never iterate a string's characters
     inputs = list(inputs)
     if labels is not None and len(labels) != len(inputs):
@@ -182,6 +198,9 @@ def _expand(inputs: Any, labels: Sequence[int | None] | None) -> Iterator[_Item]
         label = None if labels is None else labels[i]
         if isinstance(inp, np.ndarray):
             yield f"array[{i}]", inp, label, None
+            continue
+        if isinstance(inp, EncodedImage):
+            yield safe_name(inp.name), inp, label, None
             continue
         path = Path(os.fsdecode(inp))
         name = safe_name(path)
@@ -211,11 +230,15 @@ def _load_one(item: _Item, spec: ModelSpec, max_pixels: int) -> LoadedImage:
             img = pixels_from_array(obj, max_pixels=max_pixels, name=source)
         else:
             assert obj is not None
-            data = _read_bytes(obj, source)
+            if isinstance(obj, EncodedImage):
+                data = _encoded_bytes(obj, source)
+                path = Path("upload" + obj.suffix if obj.suffix else safe_name(obj.name) or "upload")
+            else:
+                data, path = _read_bytes(obj, source), obj
             digest = "sha256:" + hashlib.sha256(data).hexdigest()
             # a large Pillow image comes back already resized, strip by strip from its
             # 8/16-bit pixels, with no full-size float copy (0.8 GB each at 64 Mpx RGB)
-            img, done = _decode_bytes_for_spec(data, obj, max_pixels, source, spec)
+            img, done = _decode_bytes_for_spec(data, path, max_pixels, source, spec)
             del data
             if done:
                 return LoadedImage(source, img, digest, None, label)
@@ -228,3 +251,13 @@ def _load_one(item: _Item, spec: ModelSpec, max_pixels: int) -> LoadedImage:
         return LoadedImage(source, None, digest, safe_name(f"{source}: {type(e).__name__}: {e}"),
                            label)
     return LoadedImage(source, pixels, digest, None, label)
+
+
+def _encoded_bytes(img: EncodedImage, name: str) -> bytes:
+    """The bytes of an in-memory upload under the same limits a file read has."""
+    data = bytes(img.data)
+    if len(data) > MAX_FILE_BYTES:
+        raise InputError(f"{name}: file is {len(data)} bytes, over the {MAX_FILE_BYTES}-byte limit")
+    if not data:
+        raise InputError(f"{name}: file is empty (0 bytes)")
+    return data

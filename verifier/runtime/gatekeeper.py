@@ -80,8 +80,8 @@ class Gatekeeper:
     # ------------------------------------------------------------------ public
     def gate(self, inputs: Sequence[str | Path] | np.ndarray, log: Any = None,
              progress: bool = False, workers: int = 2) -> list[Decision]:
-        """One `Decision` per input: file paths, folders (expanded), or a raw pixel
-        array (N, H, W) / (N, H, W, C). Unreadable inputs become error records.
+        """One `Decision` per input: file paths, folders (expanded), in-memory files
+        (`verifier.data.EncodedImage`), or a raw pixel array (N, H, W) / (N, H, W, C). Unreadable inputs become error records.
         `log` (a `DecisionLog` or a folder) appends the decisions to the Parquet log,
         one batch at a time as they are decided (a run killed midway keeps those).
         `workers`: decoding threads (1 decodes inline: cheaper for a few small files)."""

@@ -6,19 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import tempfile
 import time
 from collections import Counter as _Tally
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from verifier.data import load_images
+from verifier.data import EncodedImage, load_images
 from verifier.runtime.decision import Decision
 from verifier.runtime.gatekeeper import Gatekeeper
 from verifier.service.config import ServiceConfig
@@ -119,26 +117,19 @@ class _Batcher:
                     j.future.set_result(d)
 
     def _gate(self, batch: list[_Job]) -> list[Decision]:
-        """On the probe thread: files in a temporary folder -> one gate call -> decisions
+        """On the probe thread: the uploads, decoded from memory -> one gate call -> decisions
         named after the client's files; logged and recorded before anyone is answered."""
         st = self.state
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="verifier-serve-") as tmp:
-            paths = []
-            for i, j in enumerate(batch):
-                p = Path(tmp) / f"{i}{j.suffix}"
-                p.write_bytes(j.data)
-                paths.append(p)
-            decisions = st.gate.gate(paths, workers=1)  # a micro-batch of small uploads: inline
-            if len(decisions) != len(batch):
-                raise RuntimeError(f"gate answered {len(decisions)} decisions for {len(batch)} files")
-            for d, p, j in zip(decisions, paths, batch):
-                d.input = j.name
-                if d.error:  # the decoder names the temporary file; the client knows its own name
-                    d.error = d.error.replace(str(p), j.name)
-            rejected = [i for i, d in enumerate(decisions) if not d.accepted and not d.error]
-            keep = rejected[-st.cfg.review_keep:]
-            pixels = _pixels(paths, keep, st.gate) if keep else {}
+        uploads = [EncodedImage(j.name, j.data, j.suffix or None) for j in batch]
+        decisions = st.gate.gate(uploads, workers=1)  # a micro-batch of small uploads: inline
+        if len(decisions) != len(batch):
+            raise RuntimeError(f"gate answered {len(decisions)} decisions for {len(batch)} files")
+        for d, j in zip(decisions, batch):
+            d.input = j.name
+        rejected = [i for i, d in enumerate(decisions) if not d.accepted and not d.error]
+        keep = rejected[-st.cfg.review_keep:]
+        pixels = _pixels(uploads, keep, st.gate) if keep else {}
         now = datetime.now(timezone.utc)
         if st.logbuf is not None:
             st.logbuf.add(decisions, now)
@@ -151,7 +142,7 @@ class _Batcher:
         return decisions
 
 
-def _pixels(paths: list[Path], idx: list[int], gate: Gatekeeper) -> dict[int, np.ndarray]:
+def _pixels(uploads: list[EncodedImage], idx: list[int], gate: Gatekeeper) -> dict[int, np.ndarray]:
     """Preprocessed (C, H, W) pixels of the rejected images kept for /review."""
-    recs = load_images([paths[i] for i in idx], gate.bundle.spec, workers=1)
+    recs = load_images([uploads[i] for i in idx], gate.bundle.spec, workers=1)
     return {i: r.pixels for i, r in zip(idx, recs) if r.pixels is not None}

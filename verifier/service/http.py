@@ -183,7 +183,7 @@ async def _form_files(request: Request, body: bytes, max_files: int,
 
 
 def _suffix(name: str, ctype: str) -> str:
-    """The temporary file's suffix: the client's when it is an image suffix, else the type's."""
+    """The decoder's suffix hint: the client's when it is an image suffix, else the type's."""
     s = Path(name).suffix.lower()
     return s if s in IMAGE_SUFFIXES else _SUFFIX.get(ctype, "")
 
