@@ -114,6 +114,7 @@ def run(names: tuple[str, ...], out: Path, cache: Path) -> dict:
             r = audit(bundle, spec, (sites[site], ys))
             checks = {c.name: c for c in r.checks}
             ev, acc = checks["evidence_region_swap"], checks["accuracy"]
+            pat = checks["evidence_label_pattern"]
             rows.append({
                 "candidate": name, "suitable": suitable, "site": site, "verdict": r.verdict,
                 "correct": (r.verdict == "PASS") == suitable,
@@ -121,6 +122,7 @@ def run(names: tuple[str, ...], out: Path, cache: Path) -> dict:
                 "mcnemar_p": acc.details["mcnemar_p"], "swap_excess": ev.figure,
                 "swap_p": ev.details.get("wilcoxon_p"), "follow": ev.details.get("follow_candidate"),
                 "follow_reference": ev.details.get("follow_reference"),
+                "pattern_excess": pat.figure, "pattern_p": pat.details.get("permutation_p"),
                 "failed": [c.name for c in r.checks if c.passed is False and c.decisive],
                 "warnings": [c.name for c in r.checks if c.passed is False and not c.decisive],
                 "seconds": time.perf_counter() - t})
@@ -137,7 +139,9 @@ def _print_row(r: dict) -> None:
           f"{r['verdict']:<5} acc {r['accuracy']:.3f} (ref {r['reference_accuracy']:.3f}, "
           f"McNemar p {r['mcnemar_p']:.1g})  swap excess {r['swap_excess']:+.3f} "
           f"(p {r['swap_p'] if r['swap_p'] is not None else float('nan'):.1g}; follows "
-          f"{r['follow'] or 0:.3f} vs {r['follow_reference'] or 0:.3f})  failed {r['failed']}"
+          f"{r['follow'] or 0:.3f} vs {r['follow_reference'] or 0:.3f})  pattern excess "
+          f"{r['pattern_excess']:+.2f} (p {r['pattern_p'] if r['pattern_p'] is not None else float('nan'):.2g})"
+          f"  failed {r['failed']}"
           f"  warn {r['warnings']}", flush=True)
 
 

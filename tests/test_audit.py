@@ -113,6 +113,81 @@ def test_partial_shortcut_fails(mnist, reference, partial_shortcut):
     assert ev.passed is False and ev.figure > ev.threshold, ev.reason
 
 
+@pytest.fixture(scope="module")
+def partial_border(mnist):
+    """Trained with the faint class-coded border on half of its images: it reads the digit
+    almost always (the region swap barely moves it) and the border a little, on every image."""
+    x, y = mnist
+    torch.manual_seed(15)
+    return train_classifier(SmallCNN(head="gap"), add_cue(x[TRAIN], y[TRAIN], "border", 0.5, seed=115),
+                            y[TRAIN], epochs=8, seed=15)
+
+
+def test_partial_border_shortcut_fails_on_the_label_pattern(mnist, reference, partial_border):
+    x, y = mnist
+    site = add_cue(x[AUDIT], y[AUDIT], "border", 1.0)
+    r = audit(reference, mnist_spec(partial_border), (site, y[AUDIT]), sanity=False)
+    pat = r.check("evidence_label_pattern")
+    assert r.verdict == "FAIL" and pat.passed is False, pat.reason
+    assert pat.figure > pat.threshold and pat.details["permutation_p"] < 0.05
+    assert pat.details["pattern_area"] == pytest.approx(108 / 784)  # the 1-pixel frame, found
+    pe = r.evidence.patterns
+    assert pe is not None and pe.mask.shape == (28, 28) and len(pe.labels) == 8
+    assert set(np.unique(pe.mask)) == {0.0, 1.0} and pe.mask[0].all() and not pe.mask[5, 5:23].any()
+
+
+@pytest.mark.parametrize("cue", ["marker", "border"])
+def test_suitable_candidates_ignore_a_label_pattern_they_never_learned(mnist, reference, seed_model,
+                                                                      fc_model, cue):
+    """Suitable models (another seed, another head) audited on site images that carry a
+    class-coded pattern: the pattern is found, and they are not failed for it."""
+    x, y = mnist
+    site = add_cue(x[AUDIT], y[AUDIT], cue, 1.0)
+    for model in (seed_model, fc_model):
+        pat = audit(reference, mnist_spec(model), (site, y[AUDIT]), worst=0,
+                    sanity=False).check("evidence_label_pattern")
+        assert pat.details["pattern_pixels"] > 0
+        assert pat.passed is True, pat.reason
+
+
+def test_clean_images_hold_no_label_pattern(seed_result):
+    pat = seed_result.check("evidence_label_pattern")
+    assert pat.passed is None and "no label-coded pattern" in pat.reason
+
+
+def test_class_coded_pixels_against_a_direct_anova():
+    """eta^2 = between-class sum of squares / total sum of squares, pixel by pixel, by loops."""
+    from verifier.audit.patterns import class_coded_pixels
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 60)
+    x = rng.normal(size=(60, 1, 3, 5)).astype(np.float32)
+    x[:, 0, 1, 2] = y * 2.0 + rng.normal(scale=0.05, size=60)  # coded by the label, a little noise
+    mask, means = class_coded_pixels(x, y, 5, level=0.9)
+    want = np.zeros((1, 3, 5), dtype=bool)
+    for i in range(3):
+        for j in range(5):
+            v = x[:, 0, i, j].astype(np.float64)
+            ssb = sum((y == c).sum() * (v[y == c].mean() - v.mean()) ** 2 for c in range(4))
+            want[0, i, j] = ssb / ((v - v.mean()) ** 2).sum() >= 0.9
+    assert want[0, 1, 2] and want.sum() == 1
+    np.testing.assert_array_equal(mask, want)
+    np.testing.assert_allclose(means[2], x[y == 2].mean(axis=0), atol=1e-6)
+    assert np.isnan(means[4]).all()  # no image of class 4
+
+
+def test_specificity_sees_a_diagonal_and_not_a_shuffle():
+    from verifier.audit.patterns import specificity
+
+    rng = np.random.default_rng(1)
+    d = rng.normal(scale=0.1, size=(6, 6))
+    d[np.arange(6), np.arange(6)] += 1.0
+    assert specificity(d, np.arange(6)) == pytest.approx(
+        d.diagonal().mean() - d[~np.eye(6, dtype=bool)].mean())
+    assert specificity(d, np.arange(6)) > 0.9
+    assert abs(specificity(d, np.roll(np.arange(6), 1))) < 0.3
+
+
 def test_same_inputs_same_verdict_and_figures(mnist, reference, seed_model):
     x, y = mnist
     data = (x[AUDIT][:300], y[AUDIT][:300])

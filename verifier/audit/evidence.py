@@ -15,7 +15,7 @@ from verifier.bundle.builder import LabelledData
 from verifier.probe.base import Probe
 from verifier.spec import ModelSpec
 
-__all__ = ["SHIFT_FLOOR", "EvidenceInputs", "evidence_inputs", "evidence_check",
+__all__ = ["SHIFT_FLOOR", "EvidenceInputs", "evidence_inputs", "evidence_check", "to_pixels",
            "randomisation_check", "faithfulness_check"]
 
 #: the evidence check fails when the candidate's probability of the swapped-in class rises more
@@ -113,15 +113,15 @@ def evidence_check(sub: EvidenceInputs, ref_probe: Probe, cand_probe: Probe, k: 
         rel_cand = reliance_maps(cand_probe.logits, sub.x_cand[top], sub.x_cand[partner[top]],
                                  y[top], k, grid)
         swapped = swap_cells(sub.x_ref[top], sub.x_ref[partner[top]], cells[top])
-        swaps = SwapEvidence(pixels=_unnormalise(sub.x_ref[top], ref_probe),
-                             swapped=_unnormalise(swapped, ref_probe), cells=cells[top],
+        swaps = SwapEvidence(pixels=to_pixels(sub.x_ref[top], ref_probe),
+                             swapped=to_pixels(swapped, ref_probe), cells=cells[top],
                              cand_reliance=rel_cand, ref_reliance=rel_ref[top],
                              shift_cand=s_cand[top], shift_ref=s_ref[top], labels=y[top],
                              toward=toward[top], sources=[sub.sources[i] for i in top])
     return Check(name, fam, excess, floor, passed, reason, False, details), swaps
 
 
-def _unnormalise(x: np.ndarray, probe: Probe) -> np.ndarray:
+def to_pixels(x: np.ndarray, probe: Probe) -> np.ndarray:
     """(n, H, W) in [0, 1]: preprocessing undone, channels averaged (for pictures)."""
     spec = getattr(probe, "spec")
     mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]

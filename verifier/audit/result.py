@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AuditResult", "Check", "AuditEvidence", "SwapEvidence", "AuditError",
+__all__ = ["AuditResult", "Check", "AuditEvidence", "SwapEvidence", "PatternEvidence", "AuditError",
            "CHECK_NAMES", "AUDIT_FORMAT_VERSION", "plain", "plain_number"]
 
 AUDIT_FORMAT_VERSION = 1
 
 #: every check an audit can run, in report order
-CHECK_NAMES = ("evidence_region_swap", "accuracy", "attention_per_image", "attention_per_class",
+CHECK_NAMES = ("evidence_region_swap", "evidence_label_pattern", "accuracy", "attention_per_image", "attention_per_class",
                "early_per_image", "early_per_class", "early_channel_statistics",
                "attribution_randomisation", "attribution_faithfulness", "garbage_rejection",
                "regions_attention_mass", "regions_pointing_game")
@@ -76,6 +76,7 @@ class AuditEvidence:
     worst_pixels: np.ndarray
     worst_sources: list[str]
     swaps: SwapEvidence | None = None
+    patterns: PatternEvidence | None = None
 
 
 @dataclass
@@ -97,6 +98,25 @@ class SwapEvidence:
     shift_ref: np.ndarray
     labels: np.ndarray
     toward: np.ndarray
+    sources: list[str]
+
+
+@dataclass
+class PatternEvidence:
+    """The images where the candidate moved most when given another class's label-coded pattern.
+
+    mask: (H, W) share of channels in the pattern (reference preprocessing); pixels / changed:
+    (n, H, W) in [0, 1] before and after; labels / toward: (n,) true class and the class whose
+    pattern was put in; pull_cand / pull_ref: (n,) specific log-probability pull toward it.
+    """
+
+    mask: np.ndarray
+    pixels: np.ndarray
+    changed: np.ndarray
+    labels: np.ndarray
+    toward: np.ndarray
+    pull_cand: np.ndarray
+    pull_ref: np.ndarray
     sources: list[str]
 
 

@@ -19,6 +19,7 @@ from verifier.audit.checks import (ModelRun, accuracy_check, channel_check, clas
                                    per_image_check, region_checks, same_class_partner, worst_pixels)
 from verifier.audit.evidence import (SHIFT_FLOOR, evidence_check, evidence_inputs,
                                      faithfulness_check, randomisation_check)
+from verifier.audit.patterns import PATTERN_FLOOR, pattern_check
 from verifier.audit.result import (AUDIT_FORMAT_VERSION, CHECK_NAMES, AuditError, AuditEvidence,
                                    AuditResult, Check, SwapEvidence)
 from verifier.bundle.builder import LabelledData
@@ -30,13 +31,14 @@ from verifier.scoring.measures import compare_maps
 from verifier.spec import ModelSpec
 
 __all__ = ["audit", "AuditResult", "Check", "AuditEvidence", "SwapEvidence",
-           "AuditError", "CHECK_NAMES", "AUDIT_FORMAT_VERSION", "SHIFT_FLOOR"]
+           "AuditError", "CHECK_NAMES", "AUDIT_FORMAT_VERSION", "SHIFT_FLOOR", "PATTERN_FLOOR"]
 
 
 def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, roi: Any = None,
           quantile: float | None = None, min_measures: int = 4, tolerance: float = 2.0,
           accuracy_margin: float = 0.02, evidence_images: int = 400, grid: int = 7,
           unused_level: float = 0.2, shift_floor: float = SHIFT_FLOOR,
+          pattern_floor: float = PATTERN_FLOOR,
           attention_decides: bool = False, sanity: bool = True, seed: int = 0,
           batch_size: int = 64, worst: int = 8, reference_probe: Probe | None = None,
           candidate_probe: Probe | None = None) -> AuditResult:
@@ -52,7 +54,10 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     check: `evidence_images` images, a `grid` x `grid` lattice, cells the reference leaves below
     `unused_level` of its peak reliance, failing beyond `shift_floor`), on paired accuracy
     (exact McNemar; failing when significantly worse by more than `accuracy_margin`), on the
-    early feature maps and, when given, OOD rejection and expected regions. The seven-measure
+    early feature maps and, when given, OOD rejection and expected regions; and, when the images
+    hold a label-coded pattern (a marker, border or burnt-in label whose pixels the label
+    fixes), on whether the candidate follows it beyond the reference by more than
+    `pattern_floor` nats. The seven-measure
     Grad-CAM comparisons are reported; they decide only with `attention_decides` (Grad-CAM
     maps of two heads differ for suitable models; docs/audit.md). quantile, tolerance and
     min_measures set those map checks' thresholds (see docs/audit.md).
@@ -66,6 +71,8 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
         raise ValueError(f"min_measures must be in [1, {len(ATTENTION_MEASURES)}]")
     if not 0.0 <= accuracy_margin < 1.0:
         raise ValueError(f"accuracy_margin must be in [0, 1), got {accuracy_margin}")
+    if not pattern_floor >= 0.0:  # NaN too
+        raise ValueError(f"pattern_floor must be >= 0 nats, got {pattern_floor}")
     if not 0.0 < unused_level < 1.0:
         raise ValueError(f"unused_level must be in (0, 1), got {unused_level}")
     if tuple(candidate.classes) != tuple(bundle.classes):
@@ -92,6 +99,8 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
                            seed, batch_size)
     swap_check, swaps = evidence_check(sub, ref_probe, cand_probe, k, grid, unused_level,
                                         shift_floor, seed, worst, bundle.classes)
+    label_check, patterns = pattern_check(sub, ref_probe, cand_probe, k, seed, pattern_floor,
+                                          worst, bundle.classes)
     attention = [
         per_image_check("attention_per_image", "attention", agreement, pair_null, q, tolerance,
                          min_measures),
@@ -102,6 +111,7 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
         c.decisive = attention_decides
     checks = [
         swap_check,
+        label_check,
         accuracy_check(ref, cand, labels, k, accuracy_margin),
         *attention,
         per_image_check("early_per_image", "early_features", e_agree, e_pair_null, q, tolerance,
@@ -130,7 +140,7 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
                              class_agreement={**self_agree, **e_self},
                              ref_class_cam=class_means(ref.cam, labels, k), cand_class_cam=cand_class,
                              store_cam=store.cam_reference, worst=order, worst_pixels=pixels,
-                             worst_sources=sources, swaps=swaps)
+                             worst_sources=sources, swaps=swaps, patterns=patterns)
     return AuditResult(verdict=verdict, checks=checks, classes=tuple(bundle.classes),
                        n_images=len(labels), quantile=q,
                        reference=_describe(bundle.spec, ref_probe),

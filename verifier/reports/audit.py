@@ -26,6 +26,8 @@ def render_html(result: AuditResult) -> str:
     parts = [h.banner(level, headline, details), _checks_table(result.checks)]
     ev = result.evidence
     if ev is not None:
+        if ev.patterns is not None:
+            parts.append(_patterns(result))
         if ev.swaps is not None:
             parts.append(_swaps(result))
         parts += [_class_maps(result), _histograms(result), _worst(result)]
@@ -106,6 +108,32 @@ def _swaps(result: AuditResult) -> h.Markup:
                           "where the candidate relies (orange: drop of its probability of the "
                           "true class when that region is swapped); where the reference relies "
                           "(blue), on the same scale.")
+
+
+def _patterns(result: AuditResult) -> h.Markup:
+    pe = result.evidence.patterns if result.evidence is not None else None
+    assert pe is not None
+    up = max(1, 112 // max(pe.mask.shape))
+    where = h.img(h.png_data_uri(overlay_rgb(np.zeros_like(pe.mask), pe.mask, (213, 94, 0)),
+                                 upscale=up), "pixels whose value the label fixes (orange)")
+    cards = [h.Markup('<div class="card">label-coded pattern<br>{}</div>').format(where)]
+    for j in range(len(pe.labels)):
+        label, toward = result.classes[int(pe.labels[j])], result.classes[int(pe.toward[j])]
+        pics = [h.img(h.png_data_uri(overlay_rgb(pe.pixels[j], np.zeros_like(pe.mask), (0, 0, 0)),
+                                     upscale=up), "image"),
+                h.img(h.png_data_uri(overlay_rgb(pe.changed[j], 0.6 * pe.mask, (213, 94, 0)),
+                                     upscale=up), f"with the class-{toward} pattern")]
+        cards.append(h.Markup('<div class="card">{}<br>{}<div class="note">{}</div></div>').format(
+            pe.sources[j], h.Markup(" ").join(pics),
+            f"class {label}; given other classes' patterns (shown: class {toward}'s), the "
+            f"candidate's log-odds of the pattern's class over the other wrong classes rise by "
+            f"{pe.pull_cand[j]:+.2f} on average, the reference's by {pe.pull_ref[j]:+.2f}"))
+    return h.section("A pattern in the images that gives the label away",
+                     h.Markup('<div class="grid">{}</div>').format(h.Markup("").join(cards)),
+                     note="Pixels whose value is fixed by the label across the audit images (a "
+                          "marker, a border, a burnt-in label): first card. Then the images "
+                          "where the candidate moved most toward another class when only those "
+                          "pixels were given that class's pattern; the object is unchanged.")
 
 
 def _class_maps(result: AuditResult) -> h.Markup:

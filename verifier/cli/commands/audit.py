@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swap-floor", type=float, default=None,
                    help="largest mean excess rise of the swapped-in class's probability over the "
                         "reference's that still passes (default 0.04; docs/audit.md)")
+    p.add_argument("--pattern-floor", type=float, default=None,
+                   help="when the images hold a label-coded pattern (a marker, border or burnt-in "
+                        "label whose pixels the label fixes), FAIL if the candidate follows it "
+                        "beyond the reference by more than this many nats (default 0.25)")
     p.add_argument("--attention-decides", action="store_true",
                    help="let the seven-measure Grad-CAM checks decide the verdict (only for "
                         "candidates of the reference's architecture; reported either way)")
@@ -61,14 +65,15 @@ def run(args: argparse.Namespace) -> int:
         candidate = load_spec(args.spec)
     except (ValueError, OSError) as e:
         return _error(str(e))
-    from verifier.audit.run import SHIFT_FLOOR, AuditError
+    from verifier.audit.run import PATTERN_FLOOR, SHIFT_FLOOR, AuditError
 
     try:
         result = audit(bundle, candidate, args.data, ood=args.ood, roi=args.roi,
                        quantile=args.quantile, min_measures=args.min_measures,
                        accuracy_margin=args.accuracy_margin, evidence_images=args.evidence_images,
                        grid=args.grid, shift_floor=SHIFT_FLOOR if args.swap_floor is None
-                       else args.swap_floor, attention_decides=args.attention_decides,
+                       else args.swap_floor, pattern_floor=PATTERN_FLOOR if args.pattern_floor
+                       is None else args.pattern_floor, attention_decides=args.attention_decides,
                        sanity=not args.no_sanity, batch_size=args.batch_size)
     except (AuditError, ValueError) as e:
         return _error(str(e))
