@@ -18,7 +18,6 @@ from verifier.audit.result import AuditError, Check
 from verifier.bundle.builder import LabelledData
 from verifier.bundle.directory import Bundle
 from verifier.probe.base import Probe
-from verifier.scoring.comparator import ATTENTION_MEASURES
 from verifier.scoring.measures import compare_maps, measure_direction
 from verifier.spec import ModelSpec
 
@@ -97,7 +96,8 @@ def per_class_check(name: str, family: str, cand_class: np.ndarray, store_ref: n
     from scipy.stats import binom
 
     present = [k for k in range(len(classes)) if (labels == k).any()]
-    vals = compare_maps(cand_class[present], store_ref[present], ATTENTION_MEASURES, prefix=prefix)
+    names = [m[len(prefix):] for m in null]  # the bundle's measures, as the null was scored
+    vals = compare_maps(cand_class[present], store_ref[present], names, prefix=prefix)
     per_class, failing = {}, []
     for j, k in enumerate(present):
         rows = labels == k
@@ -111,7 +111,7 @@ def per_class_check(name: str, family: str, cand_class: np.ndarray, store_ref: n
     passed = len(failing) <= allowed
     reason = (f"{what} per class: {len(failing)} of {len(present)} classes' mean candidate maps "
               f"lie beyond the reference's own {100 * q:g}% level around the stored class "
-              f"reference on more than {7 - need} of 7 measures ({allowed} allowed)")
+              f"reference on more than {len(names) - need} of {len(names)} measures ({allowed} allowed)")
     if failing:
         reason += f"; differing class(es): {', '.join(failing)}"
     if not passed:

@@ -25,7 +25,6 @@ from verifier.bundle.builder import LabelledData
 from verifier.bundle.directory import Bundle
 from verifier.probe.base import Probe
 from verifier.probe.factory import open_probe
-from verifier.scoring.comparator import ATTENTION_MEASURES
 from verifier.scoring.measures import compare_maps
 from verifier.spec import ModelSpec
 
@@ -62,8 +61,9 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
         raise ValueError(f"quantile must be in (0, 0.5), got {q}")
     if not 1.0 <= tolerance <= 1.0 / q:
         raise ValueError(f"tolerance must be in [1, 1/quantile], got {tolerance}")
-    if not 1 <= min_measures <= len(ATTENTION_MEASURES):
-        raise ValueError(f"min_measures must be in [1, {len(ATTENTION_MEASURES)}]")
+    measures = bundle.measures  # the measures the bundle was built with, in its order
+    if not 1 <= min_measures <= len(measures):
+        raise ValueError(f"min_measures must be in [1, {len(measures)}]")
     if not 0.0 <= accuracy_margin < 1.0:
         raise ValueError(f"accuracy_margin must be in [0, 1), got {accuracy_margin}")
     if not 0.0 < unused_level < 1.0:
@@ -78,13 +78,13 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     ref, cand, labels = runs.ref, runs.cand, runs.labels
     store, k = bundle.store, bundle.spec.num_classes
 
-    agreement = compare_maps(cand.cam, ref.cam, ATTENTION_MEASURES)
-    self_agree = compare_maps(ref.cam, store.cam_reference[labels], ATTENTION_MEASURES)
-    e_agree = compare_maps(cand.early, ref.early, ATTENTION_MEASURES, prefix="early_")
-    e_self = compare_maps(ref.early, store.early_reference[labels], ATTENTION_MEASURES, prefix="early_")
+    agreement = compare_maps(cand.cam, ref.cam, measures)
+    self_agree = compare_maps(ref.cam, store.cam_reference[labels], measures)
+    e_agree = compare_maps(cand.early, ref.early, measures, prefix="early_")
+    e_self = compare_maps(ref.early, store.early_reference[labels], measures, prefix="early_")
     partner = same_class_partner(labels)
-    pair_null = compare_maps(ref.cam, ref.cam[partner], ATTENTION_MEASURES)
-    e_pair_null = compare_maps(ref.early, ref.early[partner], ATTENTION_MEASURES, prefix="early_")
+    pair_null = compare_maps(ref.cam, ref.cam[partner], measures)
+    e_pair_null = compare_maps(ref.early, ref.early[partner], measures, prefix="early_")
     cand_class = class_means(cand.cam, labels, k)
     cand_class_early = class_means(cand.early, labels, k)
 

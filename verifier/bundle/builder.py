@@ -23,6 +23,7 @@ from verifier.probe.base import Probe, ProbeResult
 from verifier.probe.factory import open_probe
 from verifier.scoring.comparator import Comparator, higher_is_worse, score_family
 from verifier.scoring.garbage import GarbageHead, garbage_score, synthetic_garbage
+from verifier.scoring.measures import MEASURES
 from verifier.spec import ModelSpec
 
 __all__ = ["build_bundle", "LabelledData", "BuildReport", "to_raw_pixels", "from_raw_pixels"]
@@ -83,7 +84,8 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                  guarantee: str = "marginal", delta: float = 0.1,
                  combine_method: str = "fisher",
                  combine_families: Sequence[str] | None = COMBINED_FAMILIES,
-                 overwrite: bool = False, sign_key: Any = None) -> Bundle:
+                 overwrite: bool = False, sign_key: Any = None,
+                 measures: Sequence[str] | None = None) -> Bundle:
     """Build and save a bundle; returns it (loaded state, `bundle.info` holds the figures).
 
     data / calibration: a folder, a CSV manifest or (images, labels) arrays. Without
@@ -101,6 +103,8 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     draw, the false-rejection rate is <= alpha); see docs/gate.md.
     `out` must be new or empty, or a bundle to replace with `overwrite` (checked first:
     nothing else is ever deleted); `sign_key`, a key file or `SigningKey`, signs it.
+    measures: the similarity measures to score maps with (default: every measure registered
+    in `verifier.scoring.measures.MEASURES`); the manifest lists them, and loading checks them.
     """
     from verifier.bundle.signing import SignatureError, as_key
 
@@ -113,6 +117,10 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     if guarantee not in GUARANTEES or not 0.0 < delta < 1.0:
         raise ValueError(f"guarantee must be one of {GUARANTEES} and delta in (0, 1), got "
                          f"{guarantee!r}, {delta}")
+    measures = tuple(MEASURES) if measures is None else tuple(dict.fromkeys(measures))
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown or not measures:
+        raise ValueError(f"unknown measure(s) {unknown or '(none given)'}; registered: {list(MEASURES)}")
     if garbage is not None and not Path(garbage).is_dir():
         raise ValueError(f"--garbage {garbage} is not a folder")
     rng = np.random.default_rng(seed)
@@ -169,7 +177,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
             np.concatenate([labels.array(), np.full(len(g_feats), spec.num_classes)]))
 
     # 3. calibration scores
-    comparator = Comparator(store)
+    comparator = Comparator(store, measures)
     scorer = _Scorer(probe, comparator, head, spec)
     cal_scores: list[dict[str, np.ndarray]] = []
     cal_pred, cal_lab = [], []
@@ -212,6 +220,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                     combiner=combiner, guarantee=guarantee, delta=delta, alpha=alpha,
                     calibration_scores=conf_scores, calibration_classes=pred[conf_idx],
                     higher_is_worse=directions, model_fingerprint=probe.fingerprint, combine=combine,
+                    measures=measures,
                     info={"build": report.__dict__, "target_layer": probe.target_layer,
                           "early_layer": probe.early_layer, "gradient_method": probe.gradient_method})
     bundle.save(out, overwrite=overwrite, sign_key=key)

@@ -64,7 +64,7 @@ class Gatekeeper:
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         self.batch_size = int(batch_size)
-        self.comparator = Comparator(bundle.store)
+        self.comparator = Comparator(bundle.store, bundle.measures)
         self.timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
 
     @classmethod

@@ -23,18 +23,21 @@ __all__ = ["Comparator", "ATTENTION_MEASURES", "FAMILIES", "score_family", "high
 #: families of checks, in the order `reasons` names them
 FAMILIES: tuple[str, ...] = ("garbage", "attention", "early_features", "features", "output")
 
-#: the seven measures of the method, in report order
+#: the seven built-in measures, in report order: what a bundle without a `measures` list used
 ATTENTION_MEASURES: tuple[str, ...] = ("iou", "dice", "ssim", "cosine", "pearson", "kl", "wasserstein")
 
 
 class Comparator:
-    """Scores (N,) per measure for a `ProbeResult` against `store`'s class references."""
+    """Scores (N,) per measure for a `ProbeResult` against `store`'s class references.
+
+    measures / early_measures: the measures to run (default: every registered measure, in
+    registration order; a bundle passes the list it was built with)."""
 
     def __init__(self, store: ReferenceStore, measures: Sequence[str] | None = None,
                  early_measures: Sequence[str] | None = None) -> None:
         self.store = store
-        self.measures = tuple(measures or ATTENTION_MEASURES)
-        self.early_measures = tuple(early_measures or ATTENTION_MEASURES)
+        self.measures = tuple(MEASURES) if measures is None else tuple(measures)
+        self.early_measures = self.measures if early_measures is None else tuple(early_measures)
         unknown = [m for m in (*self.measures, *self.early_measures) if m not in MEASURES]
         if unknown:
             raise ValueError(f"unknown measure(s) {unknown}; registered: {sorted(MEASURES)}")
