@@ -217,3 +217,17 @@ def test_store_methods_merge_and_round_trip(tmp_path):
     with pytest.raises(ValueError, match="maps must be given"):
         a.update(labels[:2], to_grid(np.abs(maps[:2]), (8, 8)), to_grid(np.abs(maps[:2]), (8, 8)),
                  rng.normal(size=(2, 4)))
+
+
+def test_audit_skips_a_method_the_candidate_cannot_run(onnx_root, gap_model):
+    """A module-built bundle storing saliency, audited against an ONNX candidate: the saliency
+    checks are skipped with the reason (naming what ONNX runs), crm is compared."""
+    from types import SimpleNamespace
+
+    from verifier.audit.run import _runnable_methods
+
+    bundle = SimpleNamespace(store=SimpleNamespace(methods=("crm", "saliency")),
+                             spec=mnist_spec(gap_model))
+    ok, skipped = _runnable_methods(bundle, load_spec(onnx_root / "model.toml"))
+    assert ok == ("crm",) and list(skipped) == ["saliency"]
+    assert "ONNX backend runs: gradcam, scorecam, cam, crm" in skipped["saliency"]
