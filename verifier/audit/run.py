@@ -26,7 +26,6 @@ from verifier.bundle.builder import LabelledData
 from verifier.bundle.directory import Bundle
 from verifier.probe.base import Probe
 from verifier.probe.factory import open_probe
-from verifier.attribution.registry import AttributionError
 from verifier.scoring.attention import MethodPass, check_methods, score_prefix
 from verifier.scoring.measures import compare_maps
 from verifier.spec import ModelSpec
@@ -176,6 +175,10 @@ def _runnable_methods(bundle: Bundle, candidate: ModelSpec) -> tuple[tuple[str, 
     """The bundle's further methods both models' backends can compute, and why the others
     cannot (their checks are reported as skipped)."""
     ok, skipped = [], {}
+    if not bundle.store.methods:
+        return (), {}
+    from verifier.attribution.registry import AttributionError
+
     for key in bundle.store.methods:
         try:
             for spec in (bundle.spec, candidate):

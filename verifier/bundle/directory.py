@@ -24,7 +24,6 @@ from reference_maps.store import ReferenceStore
 from verifier.bundle.declarations import verify_declarations
 from verifier.bundle.errors import BundleError
 from verifier.bundle.signing import SignatureError, SigningKey, as_key, sign, verify
-from verifier.attribution.registry import METHODS
 from verifier.scoring.attention import DEFAULT_METHODS, GRADCAM
 from verifier.scoring.comparator import ATTENTION_MEASURES
 from verifier.scoring.garbage import GarbageHead
@@ -272,6 +271,10 @@ def _check_methods(path: Path, manifest: dict[str, Any]) -> tuple[str, ...]:
             not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         raise BundleError(f"bundle {path}: manifest field 'methods' must list distinct method "
                           f"names, {GRADCAM!r} first, got {names!r}")
+    if names == [GRADCAM]:
+        return DEFAULT_METHODS
+    from verifier.attribution.registry import METHODS  # the package registers every method
+
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise BundleError(f"bundle {path} holds reference maps of attribution method(s) {unknown} "

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from reference_maps.methods import method_key
-from verifier.attribution.core import attribute_many, check_backend
-from verifier.attribution.registry import METHODS, AttributionError
 from verifier.spec import ModelSpec
+
+# verifier.attribution (and with it torch) is imported only where a further method is named:
+# a Grad-CAM-only bundle loads, gates through the probe and reports drift without it.
 
 __all__ = ["GRADCAM", "DEFAULT_METHODS", "score_prefix", "check_methods", "MethodPass"]
 
@@ -36,6 +37,11 @@ def check_methods(methods: str | Sequence[str], spec: ModelSpec | None = None) -
     the spec's backend cannot compute, raise AttributionError naming what is available."""
     names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)]
     names = [m for m in names if m]
+    if all(m == GRADCAM for m in names):
+        return DEFAULT_METHODS
+    from verifier.attribution.core import check_backend
+    from verifier.attribution.registry import METHODS, AttributionError
+
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise AttributionError(f"unknown attribution method(s) {', '.join(unknown)}; "
@@ -64,5 +70,7 @@ class MethodPass:
         there is no further method."""
         if not self.methods or len(x) == 0:
             return {}
+        from verifier.attribution.core import attribute_many
+
         return attribute_many(self.spec, np.asarray(x, dtype=np.float32), self.methods,
                               target=np.asarray(classes, dtype=np.int64), layer=self.layer)
