@@ -16,6 +16,7 @@ import numpy as np
 
 from .artifact import ArtifactError, read_artifact, write_artifact
 from .features import FeatureReference
+from .methods import MethodMaps, method_key
 from .stats import GroupedMoments, oas_shrink
 
 __all__ = ["ReferenceStore", "STORE_KIND", "STORE_FORMAT_VERSION"]
@@ -41,11 +42,14 @@ class ReferenceStore:
     `min_class_count` images (default max(10, ceil(C / 4))) uses the pooled
     within-class covariance instead (rows centred on their own class mean, pooled over
     all classes, OAS-shrunk with n = total images); `stats_pooled` says which.
+
+    `methods`: further attribution methods whose per-class maps the store keeps beside
+    Grad-CAM's (`method_reference`, `method_raw_mean`); each `update` gives their raw maps.
     """
 
     def __init__(self, classes: Sequence[str], grid: tuple[int, int] = (16, 16),
                  early_channels: int | None = None, metadata: Mapping[str, Any] | None = None,
-                 *, min_class_count: int | None = None) -> None:
+                 *, min_class_count: int | None = None, methods: Sequence[str] = ()) -> None:
         self.classes = [str(c) for c in classes]
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes must be non-empty and unique, got {self.classes}")
@@ -63,15 +67,21 @@ class ReferenceStore:
         self._cache: dict[str, np.ndarray] = {}
         #: optional feature references at several depths (`reference_maps.features`)
         self.features: FeatureReference | None = None
+        #: maps of further attribution methods, by method name (order kept)
+        self.method_maps: dict[str, MethodMaps] = {m: MethodMaps(k, self.grid) for m in methods}
+        if len({method_key(m) for m in self.method_maps}) != len(tuple(methods)):
+            raise ValueError(f"method names must be distinct (also as array keys), got {list(methods)}")
 
     # ------------------------------------------------------------------ building
     def update(self, labels: np.ndarray, cam: np.ndarray, early_map: np.ndarray,
                early_stats: np.ndarray,
-               depth_features: Sequence[np.ndarray] | None = None) -> ReferenceStore:
+               depth_features: Sequence[np.ndarray] | None = None,
+               maps: Mapping[str, np.ndarray] | None = None) -> ReferenceStore:
         """Fold in a batch: labels (N,) int in [0, K), cam and early_map (N, G_h, G_w)
         canonical maps, early_stats (N, C). All values must be finite. `depth_features`:
         [(N, C_d) channel means of every conv block ..., (N, D) penultimate features],
-        given for every batch or for none."""
+        given for every batch or for none. `maps`: {method: raw (N, h, w) maps} for exactly
+        the store's `methods`."""
         labels = np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
@@ -92,6 +102,11 @@ class ReferenceStore:
                              f"{self.early_channels}")
         if not np.isfinite(early_stats).all():
             raise ValueError("early_stats holds NaN or inf")
+        if set(maps or {}) != set(self.method_maps):
+            raise ValueError(f"maps must be given for the store's methods {self.methods}, got "
+                             f"{sorted(maps or {})}")
+        for name, acc in self.method_maps.items():
+            acc.update(labels, maps[name])
         self._cam.update(labels, cam.reshape(n, -1))
         self._early.update(labels, early_map.reshape(n, -1))
         self._stats.update(labels, early_stats)
@@ -110,6 +125,8 @@ class ReferenceStore:
         if other.classes != self.classes or other.grid != self.grid:
             raise ValueError(f"cannot merge stores with different classes/grid: "
                              f"{other.classes} {other.grid} vs {self.classes} {self.grid}")
+        if list(other.method_maps) != list(self.method_maps):
+            raise ValueError(f"cannot merge stores of methods {other.methods} and {self.methods}")
         if other.metadata_fingerprint != self.metadata_fingerprint:
             raise ValueError(f"cannot merge stores with different metadata (fingerprint "
                              f"{other.metadata_fingerprint[:12]} vs {self.metadata_fingerprint[:12]})")
@@ -128,6 +145,8 @@ class ReferenceStore:
             raise ValueError("cannot merge a store with depth features into one without")
         if self.features is not None:
             self.features.merge(other.features)
+        for name, acc in self.method_maps.items():
+            acc.merge(other.method_maps[name])
         self._cache.clear()
         return self
 
@@ -141,6 +160,19 @@ class ReferenceStore:
     def cam_reference(self) -> np.ndarray:
         """(K, G_h, G_w) float32 per-class mean canonical Grad-CAM map (NaN if no images)."""
         return self._map_mean(self._cam)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Names of the further attribution methods whose maps the store keeps."""
+        return tuple(self.method_maps)
+
+    def method_reference(self, method: str) -> np.ndarray:
+        """(K, G_h, G_w) float32 per-class mean canonical map of `method` (as `cam_reference`)."""
+        return self._method(method).reference
+
+    def method_raw_mean(self, method: str) -> np.ndarray:
+        """(K, h, w) float64 per-class mean raw map of `method` (signed where the method is)."""
+        return self._method(method).raw_mean
 
     @property
     def cam_std(self) -> np.ndarray:
@@ -244,13 +276,17 @@ class ReferenceStore:
                "stats_mean": s.mean_.copy(), "stats_m2": s.m2_.copy()}
         if self.features is not None:  # optional: `feat_*` arrays (FeatureReference.to_arrays)
             out.update(self.features.to_arrays())
+        for name, acc in self.method_maps.items():  # `method.<key>.*` (MethodMaps.to_arrays)
+            out.update(acc.to_arrays(name))
         return out
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], classes: Sequence[str],
                     grid: tuple[int, int], metadata: Mapping[str, Any] | None = None, *,
-                    min_class_count: int | None = None) -> ReferenceStore:
-        """Rebuild a store from `to_arrays()` output (shapes and dtypes checked)."""
+                    min_class_count: int | None = None,
+                    methods: Sequence[str] = ()) -> ReferenceStore:
+        """Rebuild a store from `to_arrays()` output (shapes and dtypes checked); `methods`:
+        the further methods it holds maps of (a missing one is a ValueError naming it)."""
         missing = [k for k in _STATE_KEYS if k not in arrays]
         if missing:
             raise ValueError(f"reference store arrays lack {missing}")
@@ -265,7 +301,7 @@ class ReferenceStore:
                 raise ValueError(f"reference store array {key!r} is {arr.dtype} {arr.shape}, "
                                  f"expected {'int' if kind == 'i' else 'float'} {shape}")
         store = cls(classes, grid, early_channels=c, metadata=metadata,
-                    min_class_count=min_class_count)
+                    min_class_count=min_class_count, methods=methods)
         counts = np.asarray(arrays["counts"], dtype=np.int64).copy()
         for moments, prefix in ((store._cam, "cam"), (store._early, "early"),
                                 (store._stats, "stats")):
@@ -275,6 +311,8 @@ class ReferenceStore:
         store.features = FeatureReference.from_arrays(arrays, k)
         if store.features is not None and not np.array_equal(store.features.moments[0].count_, counts):
             raise ValueError("feature reference counts differ from the store's")
+        for name in store.method_maps:  # a ValueError names a missing or damaged method
+            store.method_maps[name] = MethodMaps.from_arrays(arrays, name, counts, store.grid)
         return store
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
@@ -285,6 +323,7 @@ class ReferenceStore:
                        manifest={"classes": self.classes, "grid": list(self.grid),
                                  "early_channels": self.early_channels,
                                  "min_class_count": self._min_class_count,
+                                 "methods": list(self.method_maps),
                                  "metadata": self.metadata,
                                  "metadata_fingerprint": self.metadata_fingerprint,
                                  "counts": [int(v) for v in self._cam.count_]})
@@ -307,7 +346,8 @@ class ReferenceStore:
             raise ArtifactError(f"the reference store at {path} has no moments.npz")
         try:
             return cls.from_arrays(art.arrays["moments"], m["classes"], tuple(m["grid"]),
-                                   metadata, min_class_count=m.get("min_class_count"))
+                                   metadata, min_class_count=m.get("min_class_count"),
+                                   methods=m.get("methods", ()))
         except (KeyError, ValueError) as exc:
             raise ArtifactError(f"the reference store at {path} is inconsistent: {exc}") from exc
 
@@ -324,6 +364,12 @@ class ReferenceStore:
         if not np.isfinite(maps).all():
             raise ValueError(f"{name} holds NaN or inf")
         return maps
+
+    def _method(self, method: str) -> MethodMaps:
+        try:
+            return self.method_maps[method]
+        except KeyError:
+            raise KeyError(f"the store holds no maps of method {method!r}, only of {self.methods}") from None
 
     def _need_stats(self) -> GroupedMoments:
         if self._stats is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,6 @@ from verifier.audit.result import AuditError, Check
 from verifier.bundle.builder import LabelledData
 from verifier.bundle.directory import Bundle
 from verifier.probe.base import Probe
-from verifier.scoring.comparator import ATTENTION_MEASURES
 from verifier.scoring.measures import compare_maps, measure_direction
 from verifier.spec import ModelSpec
 
@@ -30,12 +29,14 @@ CHANNEL_MATCH_SHARE = 0.9
 @dataclass
 class ModelRun:
     """One model's outputs on the audit images: logits (N, K_out), canonical cam and early
-    maps (N, G, G), early channel statistics (N, C)."""
+    maps (N, G, G), early channel statistics (N, C), and the canonical maps (N, G, G) of the
+    bundle's further attribution methods, by method."""
 
     logits: np.ndarray
     cam: np.ndarray
     early: np.ndarray
     stats: np.ndarray
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
 
     def probs(self, k: int) -> np.ndarray:
         return softmax(self.logits[:, :k], axis=1)
@@ -57,7 +58,8 @@ def _measure_verdicts(cand: dict[str, np.ndarray], null: dict[str, np.ndarray],
 
 
 def per_image_check(name: str, family: str, cand: dict[str, np.ndarray],
-                     null: dict[str, np.ndarray], q: float, tolerance: float, need: int) -> Check:
+                     null: dict[str, np.ndarray], q: float, tolerance: float, need: int,
+                     method: str = "Grad-CAM") -> Check:
     """Per measure: the share of images where candidate-vs-reference is worse than the
     reference's own q-tail between two images of the same class; it must stay within the
     upper 95% binomial bound of tolerance x q. The check needs `need` of the measures to pass."""
@@ -72,7 +74,7 @@ def per_image_check(name: str, family: str, cand: dict[str, np.ndarray],
                   "median": float(np.nanmedian(values)), "passed": share <= bound}
     agree = [m for m, v in per.items() if v["passed"]]
     bad = sorted((m for m, v in per.items() if not v["passed"]), key=lambda m: -per[m]["figure"])
-    what = "Grad-CAM attention" if family == "attention" else "early feature maps"
+    what = f"{method} attention" if family == "attention" else "early feature maps"
     passed = len(agree) >= need
     reason = (f"{what} per image: the candidate agrees with the reference model on {len(agree)} of "
               f"{len(per)} measures ({need} needed; a measure agrees when the candidate's maps fall "
@@ -89,7 +91,8 @@ def per_image_check(name: str, family: str, cand: dict[str, np.ndarray],
 
 def per_class_check(name: str, family: str, cand_class: np.ndarray, store_ref: np.ndarray,
                      null: dict[str, np.ndarray], labels: np.ndarray, classes: Sequence[str],
-                     q: float, tolerance: float, need: int, prefix: str) -> Check:
+                     q: float, tolerance: float, need: int, prefix: str,
+                     method: str = "") -> Check:
     """Each class's mean candidate map against the stored class reference, per measure at the
     q-level of the reference's single images against their class reference; a class fails
     when fewer than `need` measures pass. Allowed failing classes: the 95% binomial quantile
@@ -97,7 +100,8 @@ def per_class_check(name: str, family: str, cand_class: np.ndarray, store_ref: n
     from scipy.stats import binom
 
     present = [k for k in range(len(classes)) if (labels == k).any()]
-    vals = compare_maps(cand_class[present], store_ref[present], ATTENTION_MEASURES, prefix=prefix)
+    names = [m[len(prefix):] for m in null]  # the bundle's measures, as the null was scored
+    vals = compare_maps(cand_class[present], store_ref[present], names, prefix=prefix)
     per_class, failing = {}, []
     for j, k in enumerate(present):
         rows = labels == k
@@ -106,12 +110,12 @@ def per_class_check(name: str, family: str, cand_class: np.ndarray, store_ref: n
         per_class[classes[k]] = {"passed": ok, "images": int(rows.sum()), "measures": per}
         if not ok:
             failing.append(classes[k])
-    what = "attention" if family == "attention" else "early feature maps"
+    what = f"{method} attention".strip() if family == "attention" else "early feature maps"
     allowed = int(binom.ppf(0.95, len(present), min(1.0, tolerance * q)))
     passed = len(failing) <= allowed
     reason = (f"{what} per class: {len(failing)} of {len(present)} classes' mean candidate maps "
               f"lie beyond the reference's own {100 * q:g}% level around the stored class "
-              f"reference on more than {7 - need} of 7 measures ({allowed} allowed)")
+              f"reference on more than {len(names) - need} of {len(names)} measures ({allowed} allowed)")
     if failing:
         reason += f"; differing class(es): {', '.join(failing)}"
     if not passed:

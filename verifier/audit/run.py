@@ -7,6 +7,7 @@ and reasons): the checks live in `audit_evidence` (region swaps, attribution san
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from verifier.bundle.builder import LabelledData
 from verifier.bundle.directory import Bundle
 from verifier.probe.base import Probe
 from verifier.probe.factory import open_probe
-from verifier.scoring.comparator import ATTENTION_MEASURES
+from verifier.scoring.attention import MethodPass, check_methods, score_prefix
 from verifier.scoring.measures import compare_maps
 from verifier.spec import ModelSpec
 
@@ -60,15 +61,19 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     `pattern_floor` nats. The seven-measure
     Grad-CAM comparisons are reported; they decide only with `attention_decides` (Grad-CAM
     maps of two heads differ for suitable models; docs/audit.md). quantile, tolerance and
-    min_measures set those map checks' thresholds (see docs/audit.md).
+    min_measures set those map checks' thresholds (see docs/audit.md). Every further
+    attribution method the bundle stores (`build --methods`) gets the same two attention
+    checks, named `<method>_attention_per_image` / `_per_class` (skipped, with the reason,
+    where a model's backend cannot compute the method).
     """
     q = float(bundle.alpha if quantile is None else quantile)
     if not 0.0 < q < 0.5:
         raise ValueError(f"quantile must be in (0, 0.5), got {q}")
     if not 1.0 <= tolerance <= 1.0 / q:
         raise ValueError(f"tolerance must be in [1, 1/quantile], got {tolerance}")
-    if not 1 <= min_measures <= len(ATTENTION_MEASURES):
-        raise ValueError(f"min_measures must be in [1, {len(ATTENTION_MEASURES)}]")
+    measures = bundle.measures  # the measures the bundle was built with, in its order
+    if not 1 <= min_measures <= len(measures):
+        raise ValueError(f"min_measures must be in [1, {len(measures)}]")
     if not 0.0 <= accuracy_margin < 1.0:
         raise ValueError(f"accuracy_margin must be in [0, 1), got {accuracy_margin}")
     if not pattern_floor >= 0.0:  # NaN too
@@ -81,17 +86,20 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     ref_probe = reference_probe or open_probe(bundle.spec)
     cand_probe = candidate_probe or open_probe(candidate)
     labelled = LabelledData.from_source(data, bundle.classes)
-    runs = _probe_pair(bundle, candidate, ref_probe, cand_probe, labelled, batch_size)
+    methods, unrunnable = _runnable_methods(bundle, candidate)
+    passes = (MethodPass(bundle.spec, methods, ref_probe.target_layer),
+              MethodPass(candidate, methods, cand_probe.target_layer))
+    runs = _probe_pair(bundle, candidate, ref_probe, cand_probe, labelled, batch_size, passes)
     ref, cand, labels = runs.ref, runs.cand, runs.labels
     store, k = bundle.store, bundle.spec.num_classes
 
-    agreement = compare_maps(cand.cam, ref.cam, ATTENTION_MEASURES)
-    self_agree = compare_maps(ref.cam, store.cam_reference[labels], ATTENTION_MEASURES)
-    e_agree = compare_maps(cand.early, ref.early, ATTENTION_MEASURES, prefix="early_")
-    e_self = compare_maps(ref.early, store.early_reference[labels], ATTENTION_MEASURES, prefix="early_")
+    agreement = compare_maps(cand.cam, ref.cam, measures)
+    self_agree = compare_maps(ref.cam, store.cam_reference[labels], measures)
+    e_agree = compare_maps(cand.early, ref.early, measures, prefix="early_")
+    e_self = compare_maps(ref.early, store.early_reference[labels], measures, prefix="early_")
     partner = same_class_partner(labels)
-    pair_null = compare_maps(ref.cam, ref.cam[partner], ATTENTION_MEASURES)
-    e_pair_null = compare_maps(ref.early, ref.early[partner], ATTENTION_MEASURES, prefix="early_")
+    pair_null = compare_maps(ref.cam, ref.cam[partner], measures)
+    e_pair_null = compare_maps(ref.early, ref.early[partner], measures, prefix="early_")
     cand_class = class_means(cand.cam, labels, k)
     cand_class_early = class_means(cand.early, labels, k)
 
@@ -107,6 +115,23 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
         per_class_check("attention_per_class", "attention", cand_class, store.cam_reference,
                          self_agree, labels, bundle.classes, q, tolerance, min_measures, ""),
     ]
+    method_agree, method_null, method_self = {}, {}, {}
+    for key in methods:  # the bundle's further attribution methods: the same two checks each
+        p, ref_k, cand_k = score_prefix(key), runs.ref.maps[key], runs.cand.maps[key]
+        agree_k = compare_maps(cand_k, ref_k, measures, prefix=p)
+        null_k = compare_maps(ref_k, ref_k[partner], measures, prefix=p)
+        self_k = compare_maps(ref_k, store.method_reference(key)[labels], measures, prefix=p)
+        attention += [
+            per_image_check(f"{p}attention_per_image", "attention", agree_k, null_k, q,
+                            tolerance, min_measures, method=key),
+            per_class_check(f"{p}attention_per_class", "attention", class_means(cand_k, labels, k),
+                            store.method_reference(key), self_k, labels, bundle.classes, q,
+                            tolerance, min_measures, p, method=key)]
+        method_agree.update(agree_k)
+        method_null.update(null_k)
+        method_self.update(self_k)
+    attention += [Check(f"{score_prefix(key)}attention_per_image", "attention", math.nan, math.nan,
+                        None, f"skipped: {why}") for key, why in unrunnable.items()]
     for c in attention:
         c.decisive = attention_decides
     checks = [
@@ -135,9 +160,9 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     order = disagreement_order(agreement)[:max(0, int(worst))]
     pixels, sources = worst_pixels(labelled, runs.kept[order], bundle.spec, batch_size)
     evidence = AuditEvidence(labels=labels, ref_cam=ref.cam, cand_cam=cand.cam,
-                             agreement={**agreement, **e_agree},
-                             self_agreement={**pair_null, **e_pair_null},
-                             class_agreement={**self_agree, **e_self},
+                             agreement={**agreement, **method_agree, **e_agree},
+                             self_agreement={**pair_null, **method_null, **e_pair_null},
+                             class_agreement={**self_agree, **method_self, **e_self},
                              ref_class_cam=class_means(ref.cam, labels, k), cand_class_cam=cand_class,
                              store_cam=store.cam_reference, worst=order, worst_pixels=pixels,
                              worst_sources=sources, swaps=swaps, patterns=patterns)
@@ -156,12 +181,32 @@ class _Pair:
     kept: np.ndarray  # indices into the labelled data of the images both models read
 
 
+def _runnable_methods(bundle: Bundle, candidate: ModelSpec) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The bundle's further methods both models' backends can compute, and why the others
+    cannot (their checks are reported as skipped)."""
+    ok, skipped = [], {}
+    if not bundle.store.methods:
+        return (), {}
+    from verifier.attribution.registry import AttributionError
+
+    for key in bundle.store.methods:
+        try:
+            for spec in (bundle.spec, candidate):
+                check_methods([key], spec)
+            ok.append(key)
+        except AttributionError as e:
+            skipped[key] = str(e)
+    return tuple(ok), skipped
+
+
 def _probe_pair(bundle: Bundle, candidate: ModelSpec, ref_probe: Probe, cand_probe: Probe,
-                data: LabelledData, batch_size: int) -> _Pair:
-    """Both models on the same images, each preprocessed by its own spec, Grad-CAM of the
-    true class; images either model cannot read are left out of both."""
+                data: LabelledData, batch_size: int,
+                passes: tuple[MethodPass, MethodPass]) -> _Pair:
+    """Both models on the same images, each preprocessed by its own spec, Grad-CAM (and the
+    maps of `passes`) of the true class; images either model cannot read are left out of both."""
     grid = bundle.store.grid
     parts: dict[str, list[list[np.ndarray]]] = {"ref": [], "cand": []}
+    maps: dict[str, dict[str, list[np.ndarray]]] = {"ref": {}, "cand": {}}
     kept, start = [], 0
     for (r_rec, r_x), (c_rec, c_x) in zip(_batches(data, bundle.spec, batch_size),
                                           _batches(data, candidate, batch_size)):
@@ -173,14 +218,18 @@ def _probe_pair(bundle: Bundle, candidate: ModelSpec, ref_probe: Probe, cand_pro
         if not both.any():
             continue
         lab = data.labels[idx]
-        for key, probe, x, ok in (("ref", ref_probe, r_x, r_ok), ("cand", cand_probe, c_x, c_ok)):
+        for key, probe, x, ok, mp in (("ref", ref_probe, r_x, r_ok, passes[0]),
+                                      ("cand", cand_probe, c_x, c_ok, passes[1])):
             res = probe.run(x[both[ok]], classes=lab)
             parts[key].append([res.logits, to_grid(res.cam, grid), to_grid(res.early_map, grid),
                                res.early_stats])
+            for method, raw in mp(x[both[ok]], lab).items():
+                maps[key].setdefault(method, []).append(to_grid(np.nan_to_num(raw), grid))
         kept.append(idx)
     if not kept:
         raise AuditError("no audit image could be read by both models")
-    runs = {key: ModelRun(*(np.concatenate([p[i] for p in ps]) for i in range(4)))
+    runs = {key: ModelRun(*(np.concatenate([p[i] for p in ps]) for i in range(4)),
+                          maps={m: np.concatenate(v) for m, v in maps[key].items()})
             for key, ps in parts.items()}
     kept_idx = np.concatenate(kept)
     return _Pair(runs["ref"], runs["cand"], data.labels[kept_idx].astype(np.int64), kept_idx)

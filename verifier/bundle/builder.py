@@ -21,8 +21,10 @@ from reference_maps.store import ReferenceStore
 from verifier.bundle.directory import Bundle, check_bundle_out
 from verifier.probe.base import Probe, ProbeResult
 from verifier.probe.factory import open_probe
+from verifier.scoring.attention import DEFAULT_METHODS, MethodPass, check_methods
 from verifier.scoring.comparator import Comparator, higher_is_worse, score_family
 from verifier.scoring.garbage import GarbageHead, garbage_score, synthetic_garbage
+from verifier.scoring.measures import MEASURES
 from verifier.spec import ModelSpec
 
 __all__ = ["build_bundle", "LabelledData", "BuildReport", "to_raw_pixels", "from_raw_pixels"]
@@ -83,7 +85,9 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                  guarantee: str = "marginal", delta: float = 0.1,
                  combine_method: str = "fisher",
                  combine_families: Sequence[str] | None = COMBINED_FAMILIES,
-                 overwrite: bool = False, sign_key: Any = None) -> Bundle:
+                 overwrite: bool = False, sign_key: Any = None,
+                 measures: Sequence[str] | None = None,
+                 methods: str | Sequence[str] = DEFAULT_METHODS) -> Bundle:
     """Build and save a bundle; returns it (loaded state, `bundle.info` holds the figures).
 
     data / calibration: a folder, a CSV manifest or (images, labels) arrays. Without
@@ -101,6 +105,11 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     draw, the false-rejection rate is <= alpha); see docs/gate.md.
     `out` must be new or empty, or a bundle to replace with `overwrite` (checked first:
     nothing else is ever deleted); `sign_key`, a key file or `SigningKey`, signs it.
+    measures: the similarity measures to score maps with (default: every measure registered
+    in `verifier.scoring.measures.MEASURES`); the manifest lists them, and loading checks them.
+    methods: the attribution methods whose per-class reference maps the store keeps and the
+    gate scores (Grad-CAM always; e.g. "gradcam,crm"); a method the model's backend cannot
+    compute is refused (AttributionError naming those it can).
     """
     from verifier.bundle.signing import SignatureError, as_key
 
@@ -113,6 +122,11 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     if guarantee not in GUARANTEES or not 0.0 < delta < 1.0:
         raise ValueError(f"guarantee must be one of {GUARANTEES} and delta in (0, 1), got "
                          f"{guarantee!r}, {delta}")
+    measures = tuple(MEASURES) if measures is None else tuple(dict.fromkeys(measures))
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown or not measures:
+        raise ValueError(f"unknown measure(s) {unknown or '(none given)'}; registered: {list(MEASURES)}")
+    methods = check_methods(methods, spec)
     if garbage is not None and not Path(garbage).is_dir():
         raise ValueError(f"--garbage {garbage} is not a folder")
     rng = np.random.default_rng(seed)
@@ -131,10 +145,11 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     say = _Reporter(progress)
 
     # 1. reference store + features for the garbage head
-    store = ReferenceStore(spec.classes, grid=grid, metadata={
+    store = ReferenceStore(spec.classes, grid=grid, methods=methods[1:], metadata={
         "model_fingerprint": probe.fingerprint, "target_layer": probe.target_layer,
         "early_layer": probe.early_layer, "attribution": "gradcam",
         "gradient_method": probe.gradient_method, "grid": list(grid)})
+    method_pass = MethodPass(spec, methods[1:], probe.target_layer)
     # Fixed-size uniform samples: memory does not grow with the number of reference images.
     feats, labels = _Reservoir(head_samples, rng), _Reservoir(head_samples, rng)
     pixels = _Reservoir(_PIXEL_SAMPLES, rng)  # uint8 pixels, the seed of the synthetic garbage
@@ -142,7 +157,8 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     for res, lab, x in say.batches(_probe_batches(probe, spec, ref, batch_size, use_labels=True), len(ref), "reference"):
         cam, early = to_grid(res.cam, grid), to_grid(res.early_map, grid)
         store.update(lab, cam, early, res.early_stats,
-                     depth_features=[*res.block_stats, res.features] if res.block_stats else None)
+                     depth_features=[*res.block_stats, res.features] if res.block_stats else None,
+                     maps=method_pass(x, res.cam_class))
         keep = feats.offer(res.features)
         labels.offer(lab, keep)
         pixels.offer(np.round(to_raw_pixels(x, spec) * 255).astype(np.uint8))
@@ -169,12 +185,12 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
             np.concatenate([labels.array(), np.full(len(g_feats), spec.num_classes)]))
 
     # 3. calibration scores
-    comparator = Comparator(store)
-    scorer = _Scorer(probe, comparator, head, spec)
+    comparator = Comparator(store, measures)
+    scorer = _Scorer(probe, comparator, head, spec, method_pass)
     cal_scores: list[dict[str, np.ndarray]] = []
     cal_pred, cal_lab = [], []
-    for res, lab, _ in say.batches(_probe_batches(probe, spec, cal, batch_size, use_labels=False), len(cal), "calibration"):
-        cal_scores.append(scorer.scores(res))
+    for res, lab, x in say.batches(_probe_batches(probe, spec, cal, batch_size, use_labels=False), len(cal), "calibration"):
+        cal_scores.append(scorer.scores(res, x))
         cal_pred.append(res.cam_class)
         cal_lab.append(lab)
     scores = {k: np.concatenate([s[k] for s in cal_scores]) for k in cal_scores[0]}
@@ -186,7 +202,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     fit_idx = _stratified(pred, 1 / 3, rng)
     conf_idx = np.setdiff1d(np.arange(len(pred)), fit_idx)
     n_fusion = min(max(300, len(fit_idx)), 1000)
-    g_scores = [scorer.scores(probe.run(gx)) for gx in
+    g_scores = [scorer.scores(probe.run(gx), gx) for gx in
                 _garbage_batches(pixels.array(), garbage, n_fusion, seed + 1, spec, batch_size)]
     neg = np.column_stack([np.concatenate([s[k] for s in g_scores]) for k in names])
     matrix = np.column_stack([scores[k] for k in names])
@@ -212,6 +228,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                     combiner=combiner, guarantee=guarantee, delta=delta, alpha=alpha,
                     calibration_scores=conf_scores, calibration_classes=pred[conf_idx],
                     higher_is_worse=directions, model_fingerprint=probe.fingerprint, combine=combine,
+                    measures=measures, methods=methods,
                     info={"build": report.__dict__, "target_layer": probe.target_layer,
                           "early_layer": probe.early_layer, "gradient_method": probe.gradient_method})
     bundle.save(out, overwrite=overwrite, sign_key=key)
@@ -219,13 +236,15 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
 
 
 class _Scorer:
-    """Comparator scores plus the garbage score for one probe result."""
+    """Comparator scores plus the garbage score for one probe result of the batch `x`."""
 
-    def __init__(self, probe: Probe, comparator: Comparator, head: GarbageHead | None, spec: ModelSpec) -> None:
+    def __init__(self, probe: Probe, comparator: Comparator, head: GarbageHead | None,
+                 spec: ModelSpec, method_pass: MethodPass) -> None:
         self.probe, self.comparator, self.head, self.spec = probe, comparator, head, spec
+        self.method_pass = method_pass
 
-    def scores(self, res: ProbeResult) -> dict[str, np.ndarray]:
-        s = self.comparator.score(res)
+    def scores(self, res: ProbeResult, x: np.ndarray) -> dict[str, np.ndarray]:
+        s = self.comparator.score(res, maps=self.method_pass(x, res.cam_class))
         s["garbage"] = garbage_score(res.logits, res.features, self.head, self.spec.garbage_class)
         return s
 

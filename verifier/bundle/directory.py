@@ -24,7 +24,10 @@ from reference_maps.store import ReferenceStore
 from verifier.bundle.declarations import verify_declarations
 from verifier.bundle.errors import BundleError
 from verifier.bundle.signing import SignatureError, SigningKey, as_key, sign, verify
+from verifier.scoring.attention import DEFAULT_METHODS, GRADCAM
+from verifier.scoring.comparator import ATTENTION_MEASURES
 from verifier.scoring.garbage import GarbageHead
+from verifier.scoring.measures import MEASURES
 from verifier.spec import (ModelSpec, SpecError, external_data_files, model_fingerprint,
                            spec_from_dict)
 
@@ -61,6 +64,10 @@ class Bundle:
     guarantee: str = "marginal"
     delta: float | None = None
     compatible_fingerprints: dict[str, str] = field(default_factory=dict)
+    #: the similarity measures the bundle was built, calibrated and is scored with
+    measures: tuple[str, ...] = ATTENTION_MEASURES
+    #: the attribution methods whose per-class maps the store keeps, Grad-CAM first
+    methods: tuple[str, ...] = DEFAULT_METHODS
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     bundle_id: str = ""
@@ -140,6 +147,8 @@ class Bundle:
             "classes": list(self.classes),
             "grid": list(self.store.grid),
             "higher_is_worse": self.higher_is_worse,
+            "measures": list(self.measures),
+            "methods": list(self.methods),
             "reference_metadata": _jsonable(self.store.metadata),
             "info": _jsonable(self.info),
         }
@@ -199,8 +208,13 @@ class Bundle:
                 f"bundle {path} was built for model {_short(expected)}, but the model given has "
                 f"fingerprint {_short(actual)}: a bundle is valid only for the model it was "
                 f"calibrated with (rebuild it, or declare the export compatible)")
-        store = ReferenceStore.from_arrays(art.arrays["reference"], classes=spec.classes,
-                                           grid=tuple(m["grid"]), metadata=m["reference_metadata"])
+        measures, methods = _check_measures(path, m), _check_methods(path, m)
+        try:
+            store = ReferenceStore.from_arrays(art.arrays["reference"], classes=spec.classes,
+                                               grid=tuple(m["grid"]), metadata=m["reference_metadata"],
+                                               methods=methods[1:])
+        except ValueError as e:
+            raise BundleError(f"bundle {path}: its reference store is refused: {e}") from None
         cal = art.arrays["calibration_data"]
         bundle = cls(
             spec=spec,
@@ -219,12 +233,54 @@ class Bundle:
             guarantee=m.get("guarantee", "marginal"),
             delta=m.get("delta"),
             compatible_fingerprints=dict(compatible),
+            measures=measures,
+            methods=methods,
             info=m.get("info", {}),
             path=path,
             bundle_id=_bundle_id(path),
             integrity=integrity,
         )
         return bundle
+
+
+def _check_measures(path: Path, manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The manifest's measures (the seven built-in ones for a bundle that names none), each
+    registered in this code and scored in the calibration data, or a BundleError."""
+    names = manifest.get("measures", list(ATTENTION_MEASURES))
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise BundleError(f"bundle {path}: manifest field 'measures' must be a non-empty list "
+                          f"of measure names, got {names!r}")
+    unknown = [n for n in names if n not in MEASURES]
+    if unknown:
+        raise BundleError(f"bundle {path} was built with measure(s) {unknown} that this code does "
+                          f"not register (registered: {list(MEASURES)}): import the module that "
+                          f"registers them (verifier.scoring.measures.register_measure) first")
+    scored = manifest.get("higher_is_worse", {})
+    missing = [n for n in names if n not in scored]
+    if missing:
+        raise BundleError(f"bundle {path}: the manifest names measure(s) {missing} its "
+                          f"calibration never scored")
+    return tuple(names)
+
+
+def _check_methods(path: Path, manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The manifest's attribution methods (Grad-CAM only for a bundle that names none),
+    Grad-CAM first, each registered in this code, or a BundleError."""
+    names = manifest.get("methods", list(DEFAULT_METHODS))
+    if not isinstance(names, list) or not names or names[0] != GRADCAM or \
+            not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise BundleError(f"bundle {path}: manifest field 'methods' must list distinct method "
+                          f"names, {GRADCAM!r} first, got {names!r}")
+    if names == [GRADCAM]:
+        return DEFAULT_METHODS
+    from verifier.attribution.registry import METHODS  # the package registers every method
+
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise BundleError(f"bundle {path} holds reference maps of attribution method(s) {unknown} "
+                          f"that this code does not know (registered: {', '.join(METHODS)}): "
+                          f"upgrade verifier, or rebuild the bundle")
+    return tuple(names)
 
 
 def check_bundle_out(path: str | Path, overwrite: bool = False) -> None:

@@ -11,7 +11,6 @@ import numpy as np
 
 import verifier.reports.html as h
 from verifier.audit.result import AuditResult, Check
-from verifier.scoring.comparator import ATTENTION_MEASURES
 from verifier.scoring.measures import measure_direction
 
 __all__ = ["render_html", "write_html", "overlay_rgb"]
@@ -156,11 +155,8 @@ def _histograms(result: AuditResult) -> h.Markup:
     ev = result.evidence
     assert ev is not None
     charts = []
-    for prefix in ("", "early_"):
-        for m in ATTENTION_MEASURES:
-            name = prefix + m
-            if name not in ev.agreement:
-                continue
+    for name in ev.agreement:  # every measure the bundle scores, in its order
+        if name in ev.self_agreement:
             q = result.quantile if measure_direction(name) else 1 - result.quantile
             level = float(np.nanquantile(ev.self_agreement[name], q))
             charts.append(h.Markup('<div class="card">{}</div>').format(h.histogram_svg(

@@ -20,6 +20,7 @@ from verifier.bundle.directory import Bundle
 from verifier.probe.base import Probe, ProbeResult
 from verifier.probe.factory import open_probe
 from verifier.runtime.decision import Decision
+from verifier.scoring.attention import MethodPass
 from verifier.scoring.comparator import FAMILIES, Comparator, score_family
 from verifier.scoring.garbage import garbage_score
 from verifier.spec import ModelSpec
@@ -64,7 +65,10 @@ class Gatekeeper:
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         self.batch_size = int(batch_size)
-        self.comparator = Comparator(bundle.store)
+        self.comparator = Comparator(bundle.store, bundle.measures)
+        #: the maps of the bundle's further attribution methods (refused here if the probe's
+        #: backend cannot compute one, e.g. saliency on an ONNX export)
+        self.method_pass = MethodPass(bundle.spec, bundle.store.methods, self.probe.target_layer)
         self.timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
 
     @classmethod
@@ -121,15 +125,16 @@ class Gatekeeper:
         the false-rejection rate sits at alpha and a decision is reproducible."""
         t0 = time.perf_counter()
         result = self.probe.run(x)
+        maps = self.method_pass(x, result.cam_class)
         t1 = time.perf_counter()
         # a model can emit NaN/inf for one image (overflow, a bad layer); that image is an
         # error record and the others of the batch are scored as if it were not there
-        errors = _nonfinite_rows(result)
+        errors = _nonfinite_rows(result, maps)
         good = np.setdiff1d(np.arange(len(x)), np.fromiter(errors, int, len(errors)))
         if len(good) == 0:
             return _all_errors(result, errors)
         sub = result if not errors else _take(result, good)
-        scores = self.comparator.score(sub)
+        scores = self.comparator.score(sub, maps={k: v[good] for k, v in maps.items()})
         real = sub.logits[:, : self.bundle.spec.num_classes]
         predicted = sub.cam_class
         confidence = _softmax_at(real, predicted)
@@ -223,11 +228,13 @@ class Gatekeeper:
 _RESULT_FIELDS = ("logits", "features", "cam", "cam_class", "early_map", "early_stats")
 
 
-def _nonfinite_rows(result: ProbeResult) -> dict[int, str]:
-    """Row -> 'non-finite <fields>' for images whose probe output holds NaN or inf."""
+def _nonfinite_rows(result: ProbeResult, maps: dict[str, np.ndarray] | None = None) -> dict[int, str]:
+    """Row -> 'non-finite <fields>' for images whose probe output (or further method map)
+    holds NaN or inf."""
     bad: dict[int, list[str]] = {}
     arrays = [(f, getattr(result, f)) for f in _RESULT_FIELDS if f != "cam_class"]
     arrays += [(f"block_stats[{i}]", a) for i, a in enumerate(result.block_stats)]
+    arrays += [(f"{k} map", a) for k, a in (maps or {}).items()]
     for f, a in arrays:
         a = np.asarray(a)
         rows = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))

@@ -1,13 +1,14 @@
 """Comparator: scores a batch of probe results against the reference store of their class.
 
-Names: the seven measures on Grad-CAM maps (`iou` ... `wasserstein`), the same on
+Names: the seven measures on Grad-CAM maps (`iou` ... `wasserstein`), the same on the maps
+of every further method the store holds (`crm_iou` ...; `verifier.scoring.attention`) and on
 early maps (`early_iou` ...), `early_mahalanobis` on early channel statistics, and
 where the store holds depth features: `feat_conv<i>_mahalanobis` (channel means of conv
 block i), `penultimate_mahalanobis`, `knn`, and the model's own `msp` and `energy`.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy.special import logsumexp, softmax
@@ -15,6 +16,7 @@ from scipy.special import logsumexp, softmax
 from reference_maps.canonical import to_grid
 from reference_maps.store import ReferenceStore
 from verifier.probe.base import ProbeResult
+from verifier.scoring.attention import score_prefix
 from verifier.scoring.measures import MEASURES, compare_maps, measure_direction
 
 __all__ = ["Comparator", "ATTENTION_MEASURES", "FAMILIES", "score_family", "higher_is_worse",
@@ -23,18 +25,23 @@ __all__ = ["Comparator", "ATTENTION_MEASURES", "FAMILIES", "score_family", "high
 #: families of checks, in the order `reasons` names them
 FAMILIES: tuple[str, ...] = ("garbage", "attention", "early_features", "features", "output")
 
-#: the seven measures of the method, in report order
+#: the seven built-in measures, in report order: what a bundle without a `measures` list used
 ATTENTION_MEASURES: tuple[str, ...] = ("iou", "dice", "ssim", "cosine", "pearson", "kl", "wasserstein")
 
 
 class Comparator:
-    """Scores (N,) per measure for a `ProbeResult` against `store`'s class references."""
+    """Scores (N,) per measure for a `ProbeResult` against `store`'s class references.
+
+    measures / early_measures: the measures to run (default: every registered measure, in
+    registration order; a bundle passes the list it was built with). The Grad-CAM map comes
+    with the result; the maps of the store's further methods (`store.methods`) are given
+    to `score` (`verifier.scoring.attention.MethodPass`)."""
 
     def __init__(self, store: ReferenceStore, measures: Sequence[str] | None = None,
                  early_measures: Sequence[str] | None = None) -> None:
         self.store = store
-        self.measures = tuple(measures or ATTENTION_MEASURES)
-        self.early_measures = tuple(early_measures or ATTENTION_MEASURES)
+        self.measures = tuple(MEASURES) if measures is None else tuple(measures)
+        self.early_measures = self.measures if early_measures is None else tuple(early_measures)
         unknown = [m for m in (*self.measures, *self.early_measures) if m not in MEASURES]
         if unknown:
             raise ValueError(f"unknown measure(s) {unknown}; registered: {sorted(MEASURES)}")
@@ -42,7 +49,9 @@ class Comparator:
     @property
     def names(self) -> tuple[str, ...]:
         """Score names this comparator produces, in order."""
-        base = (*self.measures, *(f"early_{m}" for m in self.early_measures), "early_mahalanobis")
+        methods = tuple(f"{score_prefix(k)}{m}" for k in self.store.methods for m in self.measures)
+        base = (*self.measures, *methods, *(f"early_{m}" for m in self.early_measures),
+                "early_mahalanobis")
         feats = self.store.features
         if feats is None:  # a store built before depth features: the original scores only
             return base
@@ -53,11 +62,21 @@ class Comparator:
         """(cam, early_map) of a result on the store's grid, canonical form, (N, G, G) each."""
         return to_grid(result.cam, self.store.grid), to_grid(result.early_map, self.store.grid)
 
-    def score(self, result: ProbeResult, classes: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Every score for every image against the reference of `classes` (default: cam_class)."""
+    def score(self, result: ProbeResult, classes: np.ndarray | None = None,
+              maps: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Every score for every image against the reference of `classes` (default: cam_class).
+        `maps`: {method: raw (N, h, w) maps} of each of the store's further methods."""
         cls = np.asarray(result.cam_class if classes is None else classes, dtype=np.int64)
         cam, early = self.canonical(result)
         scores = compare_maps(cam, self.store.cam_reference[cls], self.measures)
+        missing = [k for k in self.store.methods if k not in (maps or {})]
+        if missing:
+            raise ValueError(f"the reference store holds maps of {missing}: give their maps "
+                             f"(verifier.scoring.attention.MethodPass)")
+        for k in self.store.methods:
+            scores.update(compare_maps(to_grid(maps[k], self.store.grid),
+                                       self.store.method_reference(k)[cls], self.measures,
+                                       prefix=score_prefix(k)))
         scores.update(compare_maps(early, self.store.early_reference[cls], self.early_measures,
                                    prefix="early_"))
         scores["early_mahalanobis"] = self.store.mahalanobis(result.early_stats, cls)

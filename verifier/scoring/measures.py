@@ -1,7 +1,9 @@
 """The seven similarity measures between a batch of maps and their references.
 
 A registry (`MEASURES`, `register_measure`) holds every measure; `compare_maps`
-runs the chosen ones over a whole batch at once. Formulas and edge cases: docs/measures.md.
+runs the chosen ones over a whole batch at once. A measure registered once is built into
+every new bundle (its manifest lists the measures), scored by the gate, calibrated and
+reported with no other edit. Formulas and edge cases: docs/measures.md.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from scipy.ndimage import uniform_filter
 
 __all__ = [
     "Measure", "MeasureFn", "MeasureOptions", "DEFAULT_OPTIONS", "MEASURES", "MEASURE_NAMES",
-    "PREFIXES", "register_measure", "compare_maps", "measure_direction",
+    "PREFIXES", "register_measure", "unregister_measure", "compare_maps", "measure_direction",
+    "measure_of",
     "iou", "dice", "ssim", "cosine", "pearson", "kl", "wasserstein",
     "binarise", "to_distribution",
 ]
@@ -89,6 +92,15 @@ def register_measure(name: str, *, higher_is_better: bool, ideal: float,
     return deco
 
 
+def unregister_measure(name: str) -> None:
+    """Remove a measure added with `register_measure` (the seven built-in ones stay)."""
+    if name in MEASURE_NAMES:
+        raise ValueError(f"the built-in measure {name!r} cannot be unregistered")
+    if name not in MEASURES:
+        raise KeyError(f"no measure {name!r} is registered; registered: {list(MEASURES)}")
+    del MEASURES[name]
+
+
 def compare_maps(maps: np.ndarray, refs: np.ndarray, names: Sequence[str] | None = None, *,
                  prefix: str = "", options: MeasureOptions | None = None,
                  wasserstein: WassersteinMode | None = None) -> dict[str, np.ndarray]:
@@ -117,8 +129,18 @@ def compare_maps(maps: np.ndarray, refs: np.ndarray, names: Sequence[str] | None
 
 
 def measure_direction(name: str) -> bool:
-    """True when a higher value of the (possibly `early_`-prefixed) measure means more similar."""
+    """True when a higher value of the (possibly prefixed: `early_iou`, `crm_iou`) measure
+    means more similar."""
     return _lookup(name).higher_is_better
+
+
+def measure_of(name: str) -> str | None:
+    """The registered measure a score name applies (`iou` for `iou`, `early_iou`, `crm_iou`;
+    the longest registered name that ends it after a `_`), or None for any other score."""
+    try:
+        return _lookup(name).name
+    except KeyError:
+        return None
 
 
 def binarise(maps: np.ndarray, level: float = DEFAULT_OPTIONS.binary_level) -> np.ndarray:
@@ -247,12 +269,15 @@ MEASURE_NAMES: tuple[str, ...] = tuple(MEASURES)
 # --- helpers -------------------------------------------------------------------------------
 
 def _lookup(name: str) -> Measure:
+    """The measure behind `name`: itself, or `<prefix>_<measure>` (early maps, or the maps of
+    another attribution method), the longest registered measure name winning."""
     if name in MEASURES:
         return MEASURES[name]
-    for p in PREFIXES:
-        if name.startswith(p) and name[len(p):] in MEASURES:
-            return MEASURES[name[len(p):]]
-    raise KeyError(f"unknown measure {name!r}; registered: {list(MEASURES)} (prefixes {PREFIXES})")
+    found = [m for m in MEASURES if name.endswith("_" + m) and len(name) > len(m) + 1]
+    if found:
+        return MEASURES[max(found, key=len)]
+    raise KeyError(f"unknown measure {name!r}; registered: {list(MEASURES)} (as themselves or "
+                   f"after a prefix such as {PREFIXES[0]!r} or '<method>_')")
 
 
 def _check_pair(maps: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

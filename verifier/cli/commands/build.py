@@ -7,6 +7,10 @@ with a `path,label` header. Without --calibration, a stratified fraction of DATA
 is held out (--calibration-fraction). Calibration images must not have been used
 to train the model: they stand for the images the gate will see.
 
+--methods gradcam,crm stores per-class reference maps of several attribution methods
+(Grad-CAM always); the gate and audit score each with every measure (`crm_iou`, ...). A
+method the model's backend cannot compute (e.g. saliency on an ONNX file) is refused.
+
 --out must be a new or empty folder; an existing bundle is replaced only with
 --overwrite, and no other folder is ever deleted. --sign-key signs the bundle so
 gate/audit/drift/serve --verify-key and `verifier verify --key` can check who issued it.
@@ -34,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "calibration draw, the false-rejection rate itself is <= alpha (docs/gate.md)")
     p.add_argument("--delta", type=float, default=0.1,
                    help="pac only: allowed probability of an unlucky calibration draw (default 0.1)")
+    p.add_argument("--methods", default="gradcam", metavar="M[,M...]",
+                   help="attribution methods whose per-class reference maps the bundle keeps and "
+                        "the gate scores, comma-separated (default gradcam; Grad-CAM is always "
+                        "kept); see `verifier explain --help` for the registered methods")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="bundle directory to write: new or empty; an "
@@ -54,15 +62,19 @@ def run(args: argparse.Namespace) -> int:
                           calibration_fraction=args.calibration_fraction, garbage=args.garbage,
                           alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
                           progress=True, guarantee=args.guarantee, delta=args.delta,
-                          overwrite=args.overwrite, sign_key=args.sign_key)
+                          overwrite=args.overwrite, sign_key=args.sign_key,
+                          methods=args.methods)
     figures = bundle.info["build"]
     if args.json:
         print(json.dumps({"bundle": str(args.out), "bundle_id": bundle.bundle_id,
-                          "guarantee": bundle.guarantee, "delta": bundle.delta, **figures}))
+                          "guarantee": bundle.guarantee, "delta": bundle.delta,
+                          "methods": list(bundle.methods), "measures": list(bundle.measures),
+                          **figures}))
     else:
         print(f"bundle {args.out} (id {bundle.bundle_id}): {figures['reference_images']} reference, "
               f"{figures['calibration_images']} calibration, {figures['garbage_images']} garbage images; "
               f"layers {bundle.info['target_layer']} / {bundle.info['early_layer']}; "
+              f"methods {','.join(bundle.methods)}; "
               f"accuracy {figures['calibration_accuracy']:.3f} on calibration; alpha {bundle.alpha} "
               f"({bundle.guarantee}{f', delta {bundle.delta}' if bundle.guarantee == 'pac' else ''})",
               file=sys.stderr)
