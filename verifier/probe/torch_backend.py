@@ -17,7 +17,7 @@ from torch import nn
 from verifier.probe.base import ProbeError, ProbeResult
 from verifier.spec import ModelSpec, model_fingerprint
 
-__all__ = ["TorchProbe", "resolve_layers", "probe_state_restored"]
+__all__ = ["TorchProbe", "resolve_layers", "probe_state_restored", "decoder_layers"]
 
 #: modules whose output is never negative, so |output| = output
 _NONNEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus)
@@ -232,6 +232,39 @@ def conv_blocks(model: nn.Module, spec: ModelSpec, device: torch.device) -> list
     spatial = [c for c in _dry_run(model, spec, device) if len(c.shape) == 4]
     out = [spatial[_advance(spatial, i)].name for i, c in enumerate(spatial)
            if isinstance(c.module, nn.Conv2d)]
+    return list(dict.fromkeys(out))
+
+
+def decoder_layers(model: nn.Module, spec: ModelSpec, device: torch.device,
+                   requested: str = "auto") -> list[str]:
+    """Module names of a segmentation model's post-bottleneck (decoder) layers, in execution order.
+
+    auto: the bottleneck is the last 4-D module output of smallest h*w; every Conv2d /
+    ConvTranspose2d called after it, advanced through directly following BatchNorm /
+    activation modules (as conv blocks are), except the one producing the model's output
+    (the scoring head). `requested`: comma-separated module names with 4-D outputs instead.
+    """
+    spatial = [c for c in _dry_run(model, spec, device) if len(c.shape) == 4]
+    if not spatial:
+        raise ProbeError("the model has no layer with a 4-D spatial output")
+    if requested != "auto":
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        for n in names:
+            _pick(n, spatial, "layers.target", None)
+        return list(dict.fromkeys(names))
+    area = [c.shape[2] * c.shape[3] for c in spatial]
+    neck = max(i for i, a in enumerate(area) if a == min(area))
+    last_out = spatial[-1].out_id
+    out = []
+    for i in range(neck + 1, len(spatial)):
+        if isinstance(spatial[i].module, (nn.Conv2d, nn.ConvTranspose2d)):
+            j = _advance(spatial, i)
+            if spatial[j].out_id != last_out:
+                out.append(spatial[j].name)
+    if not out:
+        raise ProbeError(f"no convolution runs after the bottleneck ({spatial[neck].name}, "
+                         f"{list(spatial[neck].shape[1:])}); name the decoder layers in "
+                         f"layers.target")
     return list(dict.fromkeys(out))
 
 
