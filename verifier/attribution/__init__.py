@@ -11,9 +11,10 @@ from verifier.attribution import guided_backprop, sam, crm, kwc  # noqa: F401,I0
 from verifier.attribution.core import (Explanation, attribute, attribute_many, backend_of, explain,
                                        predictor)
 from verifier.attribution.faithfulness import Faithfulness, deletion_insertion
+from verifier.attribution.preserved import Preserved, preserved
 from verifier.attribution.registry import (METHODS, NEEDS, AttributionError, Method, get_method,
                                            onnx_methods, register, segmentation_methods)
 
 __all__ = ["attribute", "attribute_many", "explain", "Explanation", "predictor", "backend_of",
-           "deletion_insertion", "Faithfulness", "METHODS", "NEEDS", "Method",
+           "deletion_insertion", "Faithfulness", "preserved", "Preserved", "METHODS", "NEEDS", "Method",
            "AttributionError", "register", "get_method", "onnx_methods", "segmentation_methods"]

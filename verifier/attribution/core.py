@@ -137,12 +137,13 @@ def _task(kind: str, obj: Any, spec: ModelSpec | None, x: np.ndarray) -> str:
 
     params = list(obj.parameters())
     dev = params[0].device if params else torch.device("cpu")
+    dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
     xs = np.asarray(x)
     if xs.ndim != 4 or len(xs) == 0:
         raise AttributionError(f"x must be a non-empty float32 (N, C, H, W) batch, got shape "
                                f"{xs.shape}")
     with probe_state_restored(obj), torch.no_grad():
-        out = obj(torch.as_tensor(xs[:1], dtype=torch.float32, device=dev))
+        out = obj(torch.as_tensor(xs[:1], dtype=dtype, device=dev))
     return "segmentation" if isinstance(out, torch.Tensor) and out.ndim == 4 else "classification"
 
 

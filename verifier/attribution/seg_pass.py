@@ -40,12 +40,13 @@ class SegPass:
         self.model, self.spec = module, spec
         params = list(module.parameters())
         self.device = params[0].device if params else torch.device("cpu")
+        dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
         self.x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x,
-                                 dtype=torch.float32).to(self.device)
+                                 dtype=dtype).to(self.device)  # float64 for a float64 model
         if self.x.ndim != 4 or self.x.shape[0] == 0:
             raise AttributionError(f"x must be a non-empty float32 (N, C, H, W) batch, got "
                                    f"shape {tuple(self.x.shape)}")
-        self.layers = _resolve(module, layers, tuple(self.x.shape[1:]), self.device)
+        self.layers = _resolve(self, layers)
         named = dict(module.named_modules())
         self.modules = [named[n] for n in self.layers]
         self.layer = ",".join(self.layers)  # the choice, as Explanation reports it
@@ -155,8 +156,8 @@ def segment_targets(target: object, scores: torch.Tensor,
     if isinstance(t, torch.Tensor):
         t = t.detach().cpu().numpy()
     if t is not None and t.ndim >= 2:
-        mask = torch.as_tensor(np.broadcast_to(t, (n, *pred.shape[1:])) if t.ndim == 2 else t,
-                               dtype=torch.float64, device=scores.device)
+        mask = torch.as_tensor(np.array(np.broadcast_to(t, (n, *t.shape)) if t.ndim == 2 else t,
+                                        dtype=np.float64), device=scores.device)
         if mask.shape != pred.shape:
             raise AttributionError(f"a mask target must be (H', W') or (N, H', W') at the output "
                                    f"grid {tuple(pred.shape[1:])}, got {t.shape}")
@@ -211,16 +212,22 @@ def _grab(box: list[torch.Tensor], i: int):
     return hook
 
 
-def _resolve(module: nn.Module, layers: str, chw: tuple[int, ...],
-             device: torch.device) -> list[str]:
-    per_module = _LAYER_CACHE.setdefault(module, {})
+def _resolve(p: SegPass, layers: str) -> list[str]:
+    """The decoder layers of p.model for a request, cached per module and input shape; the
+    model's output is checked to be (N, K, H', W') first, so a classifier is refused by shape."""
+    chw = tuple(p.x.shape[1:])
+    per_module = _LAYER_CACHE.setdefault(p.model, {})
     key = (layers, chw)
     if key not in per_module:
         if len(chw) != 3 or chw[0] not in (1, 3):
             raise AttributionError(f"x must be (N, 1 or 3, H, W), got (N, {chw})")
-        spec = ModelSpec(classes=("_",), size=chw[1:], channels=chw[0], module=module)
+        from verifier.probe.torch_backend import probe_state_restored
+
+        with probe_state_restored(p.model), torch.no_grad():
+            p.scores(p.model(torch.zeros((1, *chw), dtype=p.x.dtype, device=p.device)))
+        spec = ModelSpec(classes=("_",), size=chw[1:], channels=chw[0], module=p.model)
         try:
-            per_module[key] = decoder_layers(module, spec, device, layers)
+            per_module[key] = decoder_layers(p.model, spec, p.device, layers)
         except ProbeError as e:
             raise AttributionError(str(e)) from None
     return per_module[key]

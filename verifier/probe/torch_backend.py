@@ -283,7 +283,8 @@ def _dry_run(model: nn.Module, spec: ModelSpec, device: torch.device) -> list[_C
         calls.append(_Call(name, module, in_id, id(output), shape, (inputs, output)))
 
     handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n]
-    x = torch.zeros((1, spec.channels, *spec.size), device=device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.zeros((1, spec.channels, *spec.size), device=device, dtype=dtype)
     try:
         with probe_state_restored(model), torch.no_grad():
             model(x)
