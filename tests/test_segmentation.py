@@ -227,3 +227,51 @@ def test_deterministic_and_state_restored(seg_model, xs):
     finally:
         seg_model.eval()
     assert np.array_equal(a, attribute(seg_model, xs[:3], "kwc"))
+
+
+SEG_TOML = ('[model]\npath = "seg.onnx"\ntask = "segmentation"\nbackground_class = 0\n'
+            'classes = ["background", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]\n'
+            '[input]\nsize = [32, 48]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n')
+
+
+@pytest.fixture(scope="module")
+def seg_onnx(tmp_path_factory, seg_model):
+    from verifier.probe.onnx_backend import export_onnx
+
+    root = tmp_path_factory.mktemp("seg")
+    export_onnx(seg_model, canvas_spec(seg_model), root / "seg.onnx")
+    (root / "seg.toml").write_text(SEG_TOML)
+    return root
+
+
+def test_kwc_on_onnx_equals_torch(seg_model, seg_onnx, xs):
+    eo = explain(seg_onnx / "seg.toml", xs[:4], ["kwc"])
+    et = explain(canvas_spec(seg_model), xs[:4], ["kwc"])
+    assert eo.layer.count(",") == 2 and "dec1.2" in eo.layer  # the same three decoder layers
+    assert np.array_equal(eo.targets, et.targets) and np.array_equal(eo.region, et.region)
+    assert close(eo.maps["kwc"], et.maps["kwc"], 1e-5)
+    with pytest.raises(AttributionError, match="It runs: kwc"):
+        attribute(seg_onnx / "seg.toml", xs[:2], "gradcam")
+
+
+def test_explain_cli_reports_preserved(seg_onnx, seg_data, capsys, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from verifier.cli.main import main
+
+    for i, im in enumerate(seg_data[2][:3]):
+        Image.fromarray(im).save(tmp_path / f"c{i}.png")
+    code = main(["explain", "--spec", str(seg_onnx / "seg.toml"), "--method", "kwc",
+                 str(tmp_path / "c0.png"), str(tmp_path / "c1.png"), str(tmp_path / "c2.png"),
+                 "--out", str(tmp_path / "out"), "--json"])
+    recs = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.strip()]
+    assert code == 0 and len(recs) == 3
+    for r in recs:
+        assert r["shape"] == [32, 48] and r["class"] != "background" and r["region_pixels"] > 0
+        assert 0 <= r["prediction_preserved"] <= 1 and 0 < r["image_preserved"] < 1
+    manifest = json.loads((tmp_path / "out" / "explain.json").read_text())
+    assert manifest["task"] == "segmentation" and len(manifest["layers"]) == 3
+    assert main(["explain", "--spec", str(seg_onnx / "seg.toml"), "--method", "crm",
+                 str(tmp_path / "c0.png"), "--out", str(tmp_path / "o2")]) == 2

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from verifier.attribution.registry import (AttributionError, get_method, onnx_methods,
+from verifier.attribution.registry import (METHODS, AttributionError, get_method, onnx_methods,
                                            segmentation_methods)
 from verifier.spec import ModelSpec, load_spec
 
@@ -109,22 +109,31 @@ def _explain_segmentation(kind: str, obj: Any, spec: ModelSpec | None, x: np.nda
                           chosen: list, target: Any, layer: str) -> Explanation:
     if kind == "onnx":
         assert spec is not None
-        raise AttributionError(f"segmentation attribution runs on the torch path; give the "
-                               f"nn.Module for {spec.path}")
-    import torch
+        check_backend(spec, [m.name for m in chosen])
+        from verifier.attribution.seg_onnx import OnnxSegPass
 
+        q = OnnxSegPass(spec, np.asarray(x), layer, target)
+        maps = {m.name: np.asarray(m.segmentation_onnx(q), dtype=np.float64) for m in chosen}
+        return _seg_explanation(q, maps)
     from verifier.attribution.seg_pass import SegPass
     from verifier.probe.torch_backend import probe_state_restored
 
     with probe_state_restored(obj):
         p = SegPass(obj, x, layer, target, spec=spec)
         maps = {m.name: np.asarray(m.segmentation(p), dtype=np.float64) for m in chosen}
-        scores, _ = p.base()
-        probs = torch.softmax(scores.double(), dim=1)  # (N, K, H', W')
-        area = p.region.sum(dim=(1, 2)).clamp_min(1e-12)
-        mean = (probs * p.region[:, None]).sum(dim=(2, 3)) / area[:, None]
-        return Explanation(maps, p.targets.cpu().numpy().astype(np.int64), mean.cpu().numpy(),
-                           p.layer, "segmentation", p.region.cpu().numpy())
+        return _seg_explanation(p, maps)
+
+
+def _seg_explanation(p: Any, maps: dict[str, np.ndarray]) -> Explanation:
+    """The Explanation of a segmentation pass: per-pixel softmax averaged over each region."""
+    import torch
+
+    scores, _ = p.base()
+    probs = torch.softmax(scores.double(), dim=1)  # (N, K, H', W')
+    area = p.region.sum(dim=(1, 2)).clamp_min(1e-12)
+    mean = (probs * p.region[:, None]).sum(dim=(2, 3)) / area[:, None]
+    return Explanation(maps, p.targets.cpu().numpy().astype(np.int64), mean.cpu().numpy(),
+                       p.layer, "segmentation", p.region.cpu().numpy())
 
 
 def _task(kind: str, obj: Any, spec: ModelSpec | None, x: np.ndarray) -> str:
@@ -174,6 +183,15 @@ def predictor(model: Any, channels: int, size: tuple[int, int]) -> Callable[[np.
 def check_backend(spec: ModelSpec, methods: Sequence[str]) -> None:
     """Raise AttributionError when a file-backed spec asks for methods ONNX cannot run."""
     if spec.module is not None:
+        return
+    if spec.task == "segmentation":
+        refused = [m for m in methods if get_method(m).segmentation_onnx is None]
+        if refused:
+            runs = [m.name for m in METHODS.values() if m.segmentation_onnx is not None]
+            raise AttributionError(
+                f"{', '.join(refused)} cannot run on segmentation {spec.backend} file "
+                f"{spec.path.name}: they need gradients onnxruntime does not give. It runs: "
+                f"{', '.join(runs)}. Give the nn.Module for the others")
         return
     refused = [m for m in methods if get_method(m).onnx is None]
     if refused:

@@ -35,7 +35,8 @@ def kernel_contributions(p, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def kwc_torch(p) -> np.ndarray:
-    """(N, H', W') float64 KWC map at the output grid from a SegPass."""
+    """(N, H', W') float64 KWC map at the output grid from a SegPass (or an OnnxSegPass:
+    the same tensors, so one code path serves both backends)."""
     from verifier.attribution.seg_pass import upsample
 
     _, acts = p.base()
@@ -56,6 +57,6 @@ def _classifier_refused(p) -> np.ndarray:
 METHOD = register(Method(
     name="kwc", needs=frozenset({"layer_activation", "tail"}), grid="input",
     torch=_classifier_refused, onnx=None, signed=False, segmentation=kwc_torch,
-    classification=False,
+    classification=False, segmentation_onnx=kwc_torch,
     summary="Kernel-Weighted Contribution: decoder kernels weighted by their dependent and "
             "independent contributions to the segmented region"))

@@ -43,6 +43,7 @@ class Method:
     segmentation: fn(SegPass) -> (N, H', W') float64 on segmentation models (the method
             adapted over the post-bottleneck layers), or None when it is not adapted
     classification: False for a segmentation-only method (kwc): classifiers refuse it
+    segmentation_onnx: the same on the onnxruntime path (OnnxSegPass), or None
     """
 
     name: str
@@ -54,6 +55,7 @@ class Method:
     summary: str
     segmentation: Callable[[Any], np.ndarray] | None = None
     classification: bool = True
+    segmentation_onnx: Callable[[Any], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.needs) - NEEDS
