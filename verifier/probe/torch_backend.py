@@ -74,7 +74,7 @@ class TorchProbe:
                 with torch.enable_grad():
                     logits = self.model(xt)
                 if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-                    raise ProbeError("the model must return a (N, K) logits tensor")
+                    raise ProbeError(_not_logits(self.spec, logits))
                 cls = self._classes(logits, classes)
                 if cap.target is None or cap.early_map is None:
                     raise ProbeError("the probed layers did not run in the forward pass")
@@ -105,7 +105,7 @@ class TorchProbe:
         with probe_state_restored(self.model), torch.no_grad():
             out = self.model(xt)
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
-            raise ProbeError("the model must return a (N, K) logits tensor")
+            raise ProbeError(_not_logits(self.spec, out))
         return out.float().cpu().numpy()
 
     def _classes(self, logits: torch.Tensor, classes: np.ndarray | None) -> torch.Tensor:
@@ -150,6 +150,14 @@ class _Capture:
 
     def feature_hook(self, module: nn.Module, inputs: tuple) -> None:
         self.features = inputs[0].detach().flatten(1)
+
+
+def _not_logits(spec: ModelSpec, out: object) -> str:
+    """Why an output is not (N, K) logits, naming the shape found."""
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    hint = (" (per-pixel class scores: a segmentation model; set [model] task = "
+            "\"segmentation\")" if isinstance(out, torch.Tensor) and out.ndim == 4 else "")
+    return f"the model must return a (N, K) logits tensor, got shape {shape}{hint}"
 
 
 def _channel_mean_abs(a: torch.Tensor, nonnegative: bool) -> torch.Tensor:
