@@ -184,6 +184,9 @@ def test_preserved_equals_direct_resegmentation(seg_model, xs):
         assert np.allclose(got.prediction_preserved, pp.mean(1), atol=1e-12)
         assert np.allclose(got.image_preserved, ip.mean(1), atol=1e-12)
         assert 0 < np.median(got.prediction_preserved) and 0 < np.median(got.image_preserved) < 1
+    top = preserved(seg, xs, e.maps["kwc"], e.targets, e.region, fractions=(0.1, 0.5))
+    assert np.allclose(top.image_curve, [[0.1, 0.5]], atol=1 / (32 * 48))  # equal share kept
+    assert (top.prediction_curve[:, 1] >= 0).all() and top.thresholds == (0.1, 0.5)
 
 
 def test_mask_target_and_class_targets(seg_model, xs):

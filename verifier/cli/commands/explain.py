@@ -4,8 +4,8 @@
   verifier explain --spec model.toml --method crm --per-class labelled/ --out roi/
   verifier explain --spec model.toml --method gradcam,scorecam scans/ --out maps/ --faithfulness --json
 
-Methods: gradcam, gradcam++, scorecam, cam, saliency, guided_backprop, sam, crm (comma-
-separated; docs/attribution.md). An ONNX or TorchScript model runs gradcam, scorecam, cam
+Methods: gradcam, gradcam++, scorecam, cam, saliency, guided_backprop, sam, crm, and kwc
+for segmentation models (comma-separated; docs/attribution.md, docs/segmentation.md). An ONNX or TorchScript model runs gradcam, scorecam, cam
 and crm; the others need gradients onnxruntime does not give and are refused with that
 list. Maps are raw (not normalised): CAM-family at the target layer's grid, gradient
 methods at input resolution. --per-class takes one labelled folder (DIR/<class>/<images>)
