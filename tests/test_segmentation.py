@@ -278,3 +278,42 @@ def test_explain_cli_reports_preserved(seg_onnx, seg_data, capsys, tmp_path):
     assert manifest["task"] == "segmentation" and len(manifest["layers"]) == 3
     assert main(["explain", "--spec", str(seg_onnx / "seg.toml"), "--method", "crm",
                  str(tmp_path / "c0.png"), "--out", str(tmp_path / "o2")]) == 2
+
+
+def dominant(masks: np.ndarray) -> np.ndarray:
+    """Each canvas's largest true digit region's class (the image-level label)."""
+    area = np.stack([(masks == k).sum(axis=(1, 2)) for k in range(11)], axis=1)
+    area[:, 0] = -1
+    return area.argmax(axis=1)
+
+
+def test_gate_takes_a_segmentation_model(seg_model, seg_data, seg_onnx, mnist, tmp_path):
+    from verifier.bundle.builder import build_bundle
+    from verifier.bundle.directory import Bundle
+    from verifier.examples.datasets import digit_canvases, ood_images
+    from verifier.probe.factory import open_probe
+    from verifier.probe.seg_backend import SegmentationProbe
+    from verifier.runtime.gatekeeper import Gatekeeper
+
+    spec = canvas_spec(seg_model)
+    probe = open_probe(spec)
+    assert isinstance(probe, SegmentationProbe) and probe.target_layer == ",".join(LAYERS)
+    xs = preprocess_uint8(seg_data[2][:8]).numpy()
+    res = probe.run(xs)
+    e = explain(spec, xs, ["gradcam"])  # the gate's map is the adapted Grad-CAM
+    assert np.array_equal(res.cam_class, e.targets) and close(res.cam, e.maps["gradcam"], 1e-5)
+    x, y = mnist
+    ti, tm = seg_data[0][:400], seg_data[1][:400]
+    ci, cm = digit_canvases(x[3000:3600], y[3000:3600], 200, seed=2)
+    build_bundle(spec, (ti, dominant(tm)), tmp_path / "b", calibration=(ci, dominant(cm)), seed=0)
+    gk = Gatekeeper(Bundle.load(tmp_path / "b", model=seg_model), alpha=0.05)
+    assert gk.bundle.spec.task == "segmentation"
+    held = np.mean([d.accepted for d in gk.gate(seg_data[2])])
+    photos = np.mean([d.accepted for d in gk.gate(ood_images("photos", 64, size=(32, 48)))])
+    assert held > 0.8 and photos < 0.2
+    from verifier.probe.base import ProbeError
+    from verifier.spec import load_spec
+
+    with pytest.raises(ProbeError, match="segmentation model as an nn.Module"):
+        open_probe(load_spec(seg_onnx / "seg.toml"))
+
