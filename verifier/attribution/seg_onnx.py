@@ -59,9 +59,10 @@ class OnnxSegPass:
 
     def region_score(self, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(R,) y = sum_ij region[ij] * scores[c, ij] for rows of images `rows`."""
-        from verifier.attribution.seg_pass import SegPass
+        from verifier.attribution.seg_pass import region_score
 
-        return SegPass.region_score(self, scores, rows)  # type: ignore[arg-type]
+        self.base()
+        return region_score(scores, self.targets, self.region, rows)
 
     def ablate(self, layer: int, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Region scores (R,) with decoder layer `layer`'s kernels scaled by keep (R, k_l)."""

@@ -21,7 +21,7 @@ from verifier.probe.base import ProbeError
 from verifier.probe.torch_backend import decoder_layers
 from verifier.spec import ModelSpec, SpecError, check_output_shape
 
-__all__ = ["SegPass", "segment_targets", "upsample", "per_layer_sum"]
+__all__ = ["SegPass", "segment_targets", "region_score", "upsample", "per_layer_sum"]
 
 #: resolved decoder layers per module and (request, C, H, W): the dry run costs a forward
 _LAYER_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -95,10 +95,8 @@ class SegPass:
 
     def region_score(self, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(R,) y = sum_ij region[ij] * scores[c, ij] for rows of images `rows` (R,)."""
-        assert self.targets is not None and self.region is not None
-        c = self.targets[rows]
-        picked = scores[torch.arange(len(rows), device=scores.device), c]  # (R, H', W')
-        return (picked.double() * self.region[rows]).sum(dim=(1, 2))
+        self.base()
+        return region_score(scores, self.targets, self.region, rows)
 
     # ------------------------------------------------------------------ re-evaluation
     @torch.no_grad()
@@ -174,6 +172,15 @@ def segment_targets(target: object, scores: torch.Tensor,
         cls = torch.as_tensor(t, dtype=torch.long, device=scores.device)
     region = (pred == cls[:, None, None]).double()
     return cls, region
+
+
+def region_score(scores: torch.Tensor, targets: torch.Tensor, region: torch.Tensor,
+                 rows: torch.Tensor) -> torch.Tensor:
+    """(R,) float64 y_r = sum_ij region[rows[r], ij] * scores[r, targets[rows[r]], ij] for
+    scores (R, K, H', W') of rows of the images `rows`."""
+    c = targets[rows]
+    picked = scores[torch.arange(len(rows), device=scores.device), c]  # (R, H', W')
+    return (picked.double() * region[rows]).sum(dim=(1, 2))
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
