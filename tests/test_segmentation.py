@@ -20,6 +20,15 @@ from verifier.examples.zoo import canvas_spec, mnist_spec, preprocess_uint8
 LAYERS = ["dec3.2", "dec2.2", "dec1.2"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """This small a model runs fastest on one thread (2 threads on a shared box: 5-10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def xs(seg_data) -> np.ndarray:
     return preprocess_uint8(seg_data[2][:12]).numpy()
