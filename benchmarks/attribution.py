@@ -140,13 +140,14 @@ def bench(case: dict[str, Any], reps: int) -> dict[str, Any]:
             model(xt)
 
     fns: dict[str, Callable[[], Any]] = {"forward": bare}
-    for m in METHODS:
+    classifier_methods = [m for m in METHODS if METHODS[m].classification]
+    for m in classifier_methods:
         fns[m] = (lambda m=m: attribute(model, x, m, layer=case["layer"]))
     refs = references(model, case["layer"], xt)
     fns.update({f"ref:{k}": v for k, v in refs.items()})
     secs = interleaved(fns, reps)
     rows = []
-    for m in METHODS:
+    for m in classifier_methods:
         ref = secs.get(f"ref:{m}")
         rows.append({"method": m, "seconds": secs[m], "images_per_s": n / secs[m],
                      "x_forward": secs[m] / secs["forward"],

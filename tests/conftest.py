@@ -51,6 +51,32 @@ def gap_bundle(tmp_path_factory, mnist, gap_model):
     return out
 
 
+@pytest.fixture(scope="session")
+def seg_data(mnist):
+    """Digit canvases (two real digits each, per-pixel labels): (train images, train masks,
+    held-out images, held-out masks); training digits from TRAIN, held-out ones from POOL."""
+    from verifier.examples.datasets import digit_canvases
+
+    x, y = mnist
+    ti, tm = digit_canvases(x[TRAIN], y[TRAIN], 1000, seed=0)
+    hi, hm = digit_canvases(x[POOL], y[POOL], 64, seed=1)
+    return ti, tm, hi, hm
+
+
+@pytest.fixture(scope="session")
+def seg_model(seg_data):
+    """SmallUNet trained on 1,000 digit canvases (6 epochs, a few seconds on the CPU)."""
+    from verifier.examples.zoo import SmallUNet, train_segmenter
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains several times faster on one thread
+    try:
+        torch.manual_seed(0)
+        return train_segmenter(SmallUNet(), seg_data[0], seg_data[1], epochs=6, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
 MNIST_TOML = ('[model]\npath = "model.onnx"\nclasses = ["0","1","2","3","4","5","6","7","8","9"]\n'
               "[input]\nsize = [28, 28]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n")
 

@@ -26,6 +26,9 @@ def test_demo_end_to_end(tmp_path):
     assert result.reports["drift_mixed_day_alert"] is True
     assert result.reports["audit_retrained_verdict"] == "PASS"
     assert result.reports["audit_shortcut_verdict"] == "FAIL"
+    assert result.reports["segmentation_accepted_canvases"] >= 0.8  # the segmentation case
+    assert result.reports["segmentation_rejected_photos"] >= 0.8
+    assert 0 < result.reports["segmentation_kwc_ip"] < result.reports["segmentation_gradcam_ip"]
     for key in ("drift_clean_day", "drift_mixed_day", "audit_retrained", "audit_shortcut"):
         HTMLParser().feed((out / f"{key}.html").read_text())
     saved = json.loads((out / "demo.json").read_text())

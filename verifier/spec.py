@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelSpec", "SpecError", "load_spec", "model_fingerprint", "external_data_files"]
+__all__ = ["ModelSpec", "SpecError", "TASKS", "load_spec", "model_fingerprint", "external_data_files",
+           "check_output_shape"]
 
 
 class SpecError(ValueError):
@@ -19,8 +20,10 @@ class SpecError(ValueError):
 
 
 _TOP_KEYS = {"model", "input", "layers"}
+#: what a model does: "classification" returns (N, K) logits, "segmentation" (N, K, H, W) scores
+TASKS = ("classification", "segmentation")
 _KEYS = {
-    "model": {"path", "classes", "garbage_class"},
+    "model": {"path", "classes", "garbage_class", "task", "background_class"},
     "input": {"size", "channels", "mean", "std"},
     "layers": {"target", "early"},
 }
@@ -28,12 +31,15 @@ _KEYS = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything the probe needs to know about a classifier.
+    """Everything the probe needs to know about a classifier or a segmentation model.
 
     `size` is (height, width); pixels are scaled to [0, 1], then
     `(x - mean) / std` per channel. `target`/`early` are layer names or "auto".
     Exactly one of `path` (a `.onnx` or TorchScript `.pt` file) and `module`
-    (an in-memory `torch.nn.Module`) is set.
+    (an in-memory `torch.nn.Module`) is set. `task` is "classification" (the model
+    returns (N, K) logits) or "segmentation" ((N, K, H, W) class scores; `target_layer`
+    then names the post-bottleneck layers, comma-separated, or "auto";
+    `background_class` is the class a default attribution target never picks).
     """
 
     classes: tuple[str, ...]
@@ -47,6 +53,8 @@ class ModelSpec:
     path: Path | None = None
     module: Any = field(default=None, compare=False, repr=False)
     source: Path | None = field(default=None, compare=False)
+    task: str = "classification"
+    background_class: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
@@ -87,6 +95,10 @@ class ModelSpec:
             model["path"] = str(p)
         if self.garbage_class is not None:
             model["garbage_class"] = self.garbage_class
+        if self.task != "classification":
+            model["task"] = self.task
+        if self.background_class is not None:
+            model["background_class"] = self.background_class
         return {
             "model": model,
             "input": {"size": list(self.size), "channels": self.channels,
@@ -146,6 +158,8 @@ def spec_from_dict(raw: dict[str, Any], base_dir: Path | None = None,
             target_layer=layers.get("target", "auto"),
             early_layer=layers.get("early", "auto"),
             garbage_class=model.get("garbage_class"),
+            task=model.get("task", "classification"),
+            background_class=model.get("background_class"),
             path=mpath,
             source=source,
         )
@@ -153,6 +167,25 @@ def spec_from_dict(raw: dict[str, Any], base_dir: Path | None = None,
         raise SpecError(f"{where}{e}") from None
     except (TypeError, ValueError, OverflowError) as e:  # e.g. size = [inf, 2] (found by fuzzing)
         raise SpecError(f"{where}invalid value: {e}") from None
+
+
+def check_output_shape(spec: ModelSpec | None, shape: tuple[int, ...]) -> None:
+    """Raise SpecError unless a model output of `shape` fits the spec's task: (N, K) logits
+    for a classifier, (N, K, H, W) class scores for a segmentation model. The message names
+    the shape found, so a segmentation spec on a classifier (or the reverse) says why."""
+    task = spec.task if spec is not None else ("segmentation" if len(shape) == 4 else "classification")
+    want = 4 if task == "segmentation" else 2
+    if len(shape) == want:
+        return
+    found = f"the model returned an output of shape {tuple(shape)}"
+    if task == "segmentation":
+        hint = (" (a classifier's (N, K) logits: drop task = \"segmentation\")" if len(shape) == 2
+                else "")
+        raise SpecError(f"model.task = \"segmentation\" expects (N, K, H, W) class scores, but "
+                        f"{found}{hint}")
+    hint = (" (per-pixel class scores: set [model] task = \"segmentation\")" if len(shape) == 4
+            else "")
+    raise SpecError(f"a classifier spec expects (N, K) logits, but {found}{hint}")
 
 
 def model_fingerprint(spec: ModelSpec) -> str:
@@ -249,6 +282,15 @@ def _validate(spec: ModelSpec) -> None:
     for key, val in (("layers.target", spec.target_layer), ("layers.early", spec.early_layer)):
         if not isinstance(val, str) or not val:
             raise SpecError(f"{key} must be a layer name or \"auto\"")
+    if spec.task not in TASKS:
+        raise SpecError(f"model.task must be one of {', '.join(TASKS)}, got {spec.task!r}")
+    if spec.background_class is not None:
+        b = spec.background_class
+        if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < len(spec.classes):
+            raise SpecError(f"model.background_class must be a class index in [0, "
+                            f"{len(spec.classes)}), got {b!r}")
+        if spec.task != "segmentation":
+            raise SpecError("model.background_class applies to task = \"segmentation\" only")
     if spec.garbage_class is not None:
         if not isinstance(spec.garbage_class, int) or isinstance(spec.garbage_class, bool):
             raise SpecError("model.garbage_class must be an integer output index")

@@ -12,10 +12,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from verifier.attribution.registry import AttributionError, get_method, onnx_methods
+from verifier.attribution.registry import (METHODS, AttributionError, get_method, onnx_methods,
+                                           segmentation_methods)
 from verifier.spec import ModelSpec, load_spec
 
-__all__ = ["attribute", "attribute_many", "explain", "Explanation", "predictor", "backend_of"]
+__all__ = ["attribute", "attribute_many", "explain", "Explanation", "predictor", "backend_of",
+           "check_task"]
 
 
 @dataclass
@@ -23,13 +25,18 @@ class Explanation:
     """Maps of several methods for one batch, with the classes they explain.
 
     maps: method -> float64 (N, h, w); targets: (N,) int64 explained class;
-    probabilities: (N, K) softmax of the model's outputs; layer: the resolved target layer.
+    probabilities: (N, K) softmax of the model's outputs (segmentation: the per-pixel
+    softmax averaged over the explained region); layer: the resolved target layer
+    (segmentation: the decoder layers, comma-separated); task: "classification" or
+    "segmentation"; region: segmentation only, the explained region (N, H', W') float64.
     """
 
     maps: dict[str, np.ndarray]
     targets: np.ndarray
     probabilities: np.ndarray
     layer: str
+    task: str = "classification"
+    region: np.ndarray | None = None
 
 
 def attribute(model: Any, x: np.ndarray, method: str, target: Any = None,
@@ -60,6 +67,10 @@ def explain(model: Any, x: np.ndarray, methods: Sequence[str], target: Any = Non
         raise AttributionError("no attribution method requested")
     needs = frozenset().union(*(m.needs for m in chosen))
     kind, obj, spec, bare = _resolve_model(model, x)
+    task = _task(kind, obj, spec, x)
+    check_task(task, [m.name for m in chosen])
+    if task == "segmentation":
+        return _explain_segmentation(kind, obj, spec, x, chosen, target, layer)
     if kind == "onnx":
         check_backend(spec, [m.name for m in chosen])
         from verifier.attribution.onnx_pass import OnnxPass
@@ -75,6 +86,74 @@ def explain(model: Any, x: np.ndarray, methods: Sequence[str], target: Any = Non
         maps = {m.name: np.asarray(m.torch(p), dtype=np.float64) for m in chosen}
         return Explanation(maps, p.targets.cpu().numpy().astype(np.int64),
                            softmax(p.logits.double().cpu().numpy(), axis=1), p.layer)
+
+
+def check_task(task: str, methods: Sequence[str]) -> None:
+    """Raise AttributionError when a method cannot explain a model of this task."""
+    if task == "segmentation":
+        refused = [m for m in methods if get_method(m).segmentation is None]
+        if refused:
+            raise AttributionError(
+                f"{', '.join(refused)} cannot explain a segmentation model (output (N, K, H, W)); "
+                f"the methods that can: {', '.join(segmentation_methods())}")
+    else:
+        refused = [m for m in methods if not get_method(m).classification]
+        if refused:
+            raise AttributionError(
+                f"{', '.join(refused)} explains segmentation models only; this model is a "
+                f"classifier (output (N, K)). Set [model] task = \"segmentation\" for a model "
+                f"that returns (N, K, H, W) class scores")
+
+
+def _explain_segmentation(kind: str, obj: Any, spec: ModelSpec | None, x: np.ndarray,
+                          chosen: list, target: Any, layer: str) -> Explanation:
+    if kind == "onnx":
+        assert spec is not None
+        check_backend(spec, [m.name for m in chosen])
+        from verifier.attribution.seg_onnx import OnnxSegPass
+
+        q = OnnxSegPass(spec, np.asarray(x), layer, target)
+        maps = {m.name: np.asarray(m.segmentation_onnx(q), dtype=np.float64) for m in chosen}
+        return _seg_explanation(q, maps)
+    from verifier.attribution.seg_pass import SegPass
+    from verifier.probe.torch_backend import probe_state_restored
+
+    with probe_state_restored(obj):
+        p = SegPass(obj, x, layer, target, spec=spec)
+        maps = {m.name: np.asarray(m.segmentation(p), dtype=np.float64) for m in chosen}
+        return _seg_explanation(p, maps)
+
+
+def _seg_explanation(p: Any, maps: dict[str, np.ndarray]) -> Explanation:
+    """The Explanation of a segmentation pass: per-pixel softmax averaged over each region."""
+    import torch
+
+    scores, _ = p.base()
+    probs = torch.softmax(scores.double(), dim=1)  # (N, K, H', W')
+    area = p.region.sum(dim=(1, 2)).clamp_min(1e-12)
+    mean = (probs * p.region[:, None]).sum(dim=(2, 3)) / area[:, None]
+    return Explanation(maps, p.targets.cpu().numpy().astype(np.int64), mean.cpu().numpy(),
+                       p.layer, "segmentation", p.region.cpu().numpy())
+
+
+def _task(kind: str, obj: Any, spec: ModelSpec | None, x: np.ndarray) -> str:
+    """The spec's task; for a bare nn.Module, read from the rank of its output on one image."""
+    if spec is not None or kind == "onnx":
+        return spec.task if spec is not None else "classification"
+    import torch
+
+    from verifier.probe.torch_backend import probe_state_restored
+
+    params = list(obj.parameters())
+    dev = params[0].device if params else torch.device("cpu")
+    dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
+    xs = np.asarray(x)
+    if xs.ndim != 4 or len(xs) == 0:
+        raise AttributionError(f"x must be a non-empty float32 (N, C, H, W) batch, got shape "
+                               f"{xs.shape}")
+    with probe_state_restored(obj), torch.no_grad():
+        out = obj(torch.as_tensor(xs[:1], dtype=dtype, device=dev))
+    return "segmentation" if isinstance(out, torch.Tensor) and out.ndim == 4 else "classification"
 
 
 def predictor(model: Any, channels: int, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
@@ -104,6 +183,15 @@ def predictor(model: Any, channels: int, size: tuple[int, int]) -> Callable[[np.
 def check_backend(spec: ModelSpec, methods: Sequence[str]) -> None:
     """Raise AttributionError when a file-backed spec asks for methods ONNX cannot run."""
     if spec.module is not None:
+        return
+    if spec.task == "segmentation":
+        refused = [m for m in methods if get_method(m).segmentation_onnx is None]
+        if refused:
+            runs = [m.name for m in METHODS.values() if m.segmentation_onnx is not None]
+            raise AttributionError(
+                f"{', '.join(refused)} cannot run on segmentation {spec.backend} file "
+                f"{spec.path.name}: they need gradients onnxruntime does not give. It runs: "
+                f"{', '.join(runs)}. Give the nn.Module for the others")
         return
     refused = [m for m in methods if get_method(m).onnx is None]
     if refused:

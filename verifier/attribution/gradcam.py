@@ -16,6 +16,15 @@ def gradcam_torch(p) -> np.ndarray:
     return g.mean(dim=(2, 3), keepdim=True).mul(a).sum(dim=1).clamp_min(0).cpu().numpy()
 
 
+def gradcam_seg(p) -> np.ndarray:
+    """(N, H', W') float64: sum over the decoder layers of each layer's Grad-CAM of the region
+    score, upsampled to the output grid (docs/segmentation.md)."""
+    from verifier.attribution.seg_pass import per_layer_sum
+
+    return per_layer_sum(p, lambda a, g: g.mean(dim=(2, 3), keepdim=True).mul(a).sum(dim=1)
+                         .clamp_min(0))
+
+
 def gradcam_onnx(p) -> np.ndarray:
     """(N, h, w) float64 by the ONNX probe: exact gradient for a global-average-pooling +
     affine tail, central finite differences on the tail sub-model otherwise."""
@@ -24,5 +33,5 @@ def gradcam_onnx(p) -> np.ndarray:
 
 METHOD = register(Method(
     name="gradcam", needs=frozenset({"layer_activation", "layer_gradient"}), grid="layer",
-    torch=gradcam_torch, onnx=gradcam_onnx, signed=False,
+    torch=gradcam_torch, onnx=gradcam_onnx, signed=False, segmentation=gradcam_seg,
     summary="Grad-CAM: ReLU of the activation weighted by its spatially averaged gradient"))

@@ -26,7 +26,17 @@ def gradcam_pp_torch(p) -> np.ndarray:
     return gradcam_pp_from(act.cpu().numpy(), grad.cpu().numpy())
 
 
+def gradcam_pp_seg(p) -> np.ndarray:
+    """(N, H', W') float64: Grad-CAM++ of the region score per decoder layer, upsampled, summed."""
+    import torch
+
+    from verifier.attribution.seg_pass import per_layer_sum
+
+    return per_layer_sum(p, lambda a, g: torch.as_tensor(
+        gradcam_pp_from(a.cpu().numpy(), g.cpu().numpy())))
+
+
 METHOD = register(Method(
     name="gradcam++", needs=frozenset({"layer_activation", "layer_gradient"}), grid="layer",
-    torch=gradcam_pp_torch, onnx=None, signed=False,
+    torch=gradcam_pp_torch, onnx=None, signed=False, segmentation=gradcam_pp_seg,
     summary="Grad-CAM++: per-position second/third-order gradient weights"))

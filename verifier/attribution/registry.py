@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Method", "METHODS", "NEEDS", "AttributionError", "register", "get_method",
-           "onnx_methods"]
+           "onnx_methods", "segmentation_methods"]
 
 #: what a method may need from a backend pass
 NEEDS = frozenset({
@@ -40,6 +40,10 @@ class Method:
     onnx:   fn(OnnxPass) -> the same on the onnxruntime path, or None when ONNX cannot
     signed: True when the raw map has both signs (CRM); False when it is >= 0
     summary: one line for --help and reports
+    segmentation: fn(SegPass) -> (N, H', W') float64 on segmentation models (the method
+            adapted over the post-bottleneck layers), or None when it is not adapted
+    classification: False for a segmentation-only method (kwc): classifiers refuse it
+    segmentation_onnx: the same on the onnxruntime path (OnnxSegPass), or None
     """
 
     name: str
@@ -49,6 +53,9 @@ class Method:
     onnx: Callable[[Any], np.ndarray] | None
     signed: bool
     summary: str
+    segmentation: Callable[[Any], np.ndarray] | None = None
+    classification: bool = True
+    segmentation_onnx: Callable[[Any], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.needs) - NEEDS
@@ -77,6 +84,11 @@ def get_method(name: str) -> Method:
     except KeyError:
         raise AttributionError(f"unknown attribution method {name!r}; registered: "
                                f"{', '.join(METHODS)}") from None
+
+
+def segmentation_methods() -> list[str]:
+    """Names of the methods that explain segmentation models."""
+    return [m.name for m in METHODS.values() if m.segmentation is not None]
 
 
 def onnx_methods() -> list[str]:

@@ -26,7 +26,15 @@ def saliency_torch(p) -> np.ndarray:
     return input_gradient(p).abs().amax(dim=1).double().cpu().numpy()
 
 
+def saliency_seg(p) -> np.ndarray:
+    """(N, H', W') float64: max over kernels of |d y / d A_l| per decoder layer (saliency with
+    the layer as the input), upsampled to the output grid and summed over the layers."""
+    from verifier.attribution.seg_pass import per_layer_sum
+
+    return per_layer_sum(p, lambda a, g: g.abs().amax(dim=1))
+
+
 METHOD = register(Method(
     name="saliency", needs=frozenset({"input_gradient"}), grid="input",
-    torch=saliency_torch, onnx=None, signed=False,
+    torch=saliency_torch, onnx=None, signed=False, segmentation=saliency_seg,
     summary="gradient saliency: max over channels of |d y_c / d x|"))

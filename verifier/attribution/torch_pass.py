@@ -19,7 +19,7 @@ from verifier.attribution.chunks import rows_per_chunk as _rows
 from verifier.attribution.registry import AttributionError, resolve_targets
 from verifier.probe.base import ProbeError
 from verifier.probe.torch_backend import resolve_layers
-from verifier.spec import ModelSpec
+from verifier.spec import ModelSpec, SpecError, check_output_shape
 
 __all__ = ["TorchPass", "hooked"]
 
@@ -133,10 +133,15 @@ class TorchPass:
         return torch.cat([self._logits(self.model(x[lo:lo + step]))
                           for lo in range(0, x.shape[0], step)])
 
-    @staticmethod
-    def _logits(out: object) -> torch.Tensor:
+    def _logits(self, out: object) -> torch.Tensor:
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
-            raise AttributionError("the model must return a (N, K) logits tensor")
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else (type(out).__name__,)
+            try:
+                check_output_shape(self.spec if self.spec is not None and self.spec.task ==
+                                   "classification" else None, shape)
+            except SpecError as e:
+                raise AttributionError(str(e)) from None
+            raise AttributionError(f"the model must return a (N, K) logits tensor, got {shape}")
         return out
 
 

@@ -167,7 +167,9 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     unreadable += len(ref) - n_ref
     if n_ref == 0:
         raise ValueError("no reference image could be read")
-    missing = [spec.classes[k] for k in np.flatnonzero(store.counts == 0)]
+    # a segmentation model's background is never explained while anything else is predicted
+    missing = [spec.classes[k] for k in np.flatnonzero(store.counts == 0)
+               if k != spec.background_class]
     if missing:
         raise ValueError(f"no reference images for class(es) {missing}")
 

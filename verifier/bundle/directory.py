@@ -368,7 +368,9 @@ def _spec_with_module(tables: dict, path: Path, model: Any) -> ModelSpec:
     return ModelSpec(classes=tuple(model_t["classes"]), size=tuple(inp["size"]),
                      channels=inp["channels"], mean=tuple(inp["mean"]), std=tuple(inp["std"]),
                      target_layer=layers.get("target", "auto"), early_layer=layers.get("early", "auto"),
-                     garbage_class=model_t.get("garbage_class"), module=model, source=path / "spec.toml")
+                     garbage_class=model_t.get("garbage_class"), module=model, source=path / "spec.toml",
+                     task=model_t.get("task", "classification"),
+                     background_class=model_t.get("background_class"))
 
 
 def _bundle_id(path: Path) -> str:

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_mnist", "load_sklearn_digits", "ood_images", "OOD_SOURCES", "dicom_test_files"]
+__all__ = ["load_mnist", "load_sklearn_digits", "ood_images", "OOD_SOURCES", "dicom_test_files",
+           "digit_canvases", "SEGMENTATION_CLASSES"]
+
+#: per-pixel classes of `digit_canvases`: background, then the ten digits
+SEGMENTATION_CLASSES = ("background",) + tuple(str(d) for d in range(10))
 
 #: out-of-distribution sources `ood_images` can draw from
 OOD_SOURCES = ("photos", "textures", "dicom", "noise")
@@ -45,6 +49,37 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     y = y.astype(np.int64)[order]
     y.setflags(write=False)
     return x, y
+
+
+def digit_canvases(images: np.ndarray, labels: np.ndarray, n: int, seed: int = 0,
+                   size: tuple[int, int] = (32, 48), ink: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    """`n` canvases of two real digits each and their per-pixel labels, for segmentation.
+
+    images: uint8 (M, 28, 28) digits with int labels (M,). Each canvas (H, W) holds one digit
+    in its left part and one in its right part, at seeded random offsets; where they overlap
+    the brighter one wins. Returns uint8 canvases (n, H, W) and int64 masks (n, H, W): 0 for
+    background, 1 + digit where the digit's ink is at least `ink` (of 255).
+    """
+    h, w = size
+    if h < 28 or w < 40:
+        raise ValueError(f"a canvas must be at least 28 x 40 to hold two digits, got {size}")
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((n, h, w), dtype=np.uint8)
+    mask = np.zeros((n, h, w), dtype=np.int64)
+    picks = rng.integers(0, len(images), size=(n, 2))
+    half = w // 2
+    for i in range(n):
+        for slot, j in enumerate(picks[i]):
+            y0 = int(rng.integers(0, h - 28 + 1))
+            lo, hi = (0, max(1, half - 28 + 6)) if slot == 0 else (max(0, half - 6), w - 28 + 1)
+            x0 = int(rng.integers(lo, hi))
+            digit = np.asarray(images[j])
+            win = canvas[i, y0:y0 + 28, x0:x0 + 28]
+            brighter = digit > win
+            win[brighter] = digit[brighter]
+            mwin = mask[i, y0:y0 + 28, x0:x0 + 28]
+            mwin[brighter & (digit >= ink)] = 1 + int(labels[j])
+    return canvas, mask
 
 
 def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:

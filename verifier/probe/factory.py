@@ -3,7 +3,7 @@ for .onnx files and TorchScript exported in memory). The contract in `base` know
 backends are imported here, lazily, so importing the contract never loads torch or onnxruntime."""
 from __future__ import annotations
 
-from verifier.probe.base import Probe
+from verifier.probe.base import Probe, ProbeError
 from verifier.spec import ModelSpec
 
 __all__ = ["open_probe"]
@@ -11,8 +11,18 @@ __all__ = ["open_probe"]
 
 def open_probe(spec: ModelSpec, device: str | None = None) -> Probe:
     """The backend probe for a spec: torch for nn.Modules, onnxruntime for .onnx
-    files, and TorchScript files through an in-memory ONNX export."""
+    files, and TorchScript files through an in-memory ONNX export; a segmentation
+    nn.Module gets the SegmentationProbe (image-level scores, region Grad-CAM)."""
     backend = spec.backend
+    if spec.task == "segmentation":
+        if backend != "torch":
+            raise ProbeError(f"the gate, reference store and audit take a segmentation model as "
+                             f"an nn.Module for now (its attention map needs gradients), not a "
+                             f"{backend} file: build the bundle through the Python API "
+                             f"(ModelSpec(module=..., task=\"segmentation\")); `verifier explain` "
+                             f"runs kwc on the file (docs/segmentation.md)")
+        from verifier.probe.seg_backend import SegmentationProbe
+        return SegmentationProbe(spec, device=device)
     if backend == "torch":
         from verifier.probe.torch_backend import TorchProbe
         return TorchProbe(spec, device=device)

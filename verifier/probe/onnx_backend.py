@@ -130,8 +130,10 @@ class OnnxProbe:
                        .astype(np.float32) for o in outs[4 + self._n_side:])
         n = x.shape[0]
         if logits.ndim != 2 or logits.shape[1] < self.spec.num_classes:
+            hint = (" (per-pixel class scores: a segmentation model; set [model] task = "
+                    "\"segmentation\")" if logits.ndim == 4 else "")
             raise ProbeError(f"model output has shape {list(logits.shape)}; expected "
-                             f"(N, >= {self.spec.num_classes}) logits")
+                             f"(N, >= {self.spec.num_classes}) logits{hint}")
         cls = self._classes(logits, classes)
         if self._exact is not None:
             alpha = _exact_alpha(act, self._exact[0], self._exact[1], cls)

@@ -17,7 +17,7 @@ from torch import nn
 from verifier.probe.base import ProbeError, ProbeResult
 from verifier.spec import ModelSpec, model_fingerprint
 
-__all__ = ["TorchProbe", "resolve_layers", "probe_state_restored"]
+__all__ = ["TorchProbe", "resolve_layers", "probe_state_restored", "decoder_layers"]
 
 #: modules whose output is never negative, so |output| = output
 _NONNEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus)
@@ -74,7 +74,7 @@ class TorchProbe:
                 with torch.enable_grad():
                     logits = self.model(xt)
                 if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-                    raise ProbeError("the model must return a (N, K) logits tensor")
+                    raise ProbeError(_not_logits(self.spec, logits))
                 cls = self._classes(logits, classes)
                 if cap.target is None or cap.early_map is None:
                     raise ProbeError("the probed layers did not run in the forward pass")
@@ -105,7 +105,7 @@ class TorchProbe:
         with probe_state_restored(self.model), torch.no_grad():
             out = self.model(xt)
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
-            raise ProbeError("the model must return a (N, K) logits tensor")
+            raise ProbeError(_not_logits(self.spec, out))
         return out.float().cpu().numpy()
 
     def _classes(self, logits: torch.Tensor, classes: np.ndarray | None) -> torch.Tensor:
@@ -150,6 +150,14 @@ class _Capture:
 
     def feature_hook(self, module: nn.Module, inputs: tuple) -> None:
         self.features = inputs[0].detach().flatten(1)
+
+
+def _not_logits(spec: ModelSpec, out: object) -> str:
+    """Why an output is not (N, K) logits, naming the shape found."""
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    hint = (" (per-pixel class scores: a segmentation model; set [model] task = "
+            "\"segmentation\")" if isinstance(out, torch.Tensor) and out.ndim == 4 else "")
+    return f"the model must return a (N, K) logits tensor, got shape {shape}{hint}"
 
 
 def _channel_mean_abs(a: torch.Tensor, nonnegative: bool) -> torch.Tensor:
@@ -235,6 +243,39 @@ def conv_blocks(model: nn.Module, spec: ModelSpec, device: torch.device) -> list
     return list(dict.fromkeys(out))
 
 
+def decoder_layers(model: nn.Module, spec: ModelSpec, device: torch.device,
+                   requested: str = "auto") -> list[str]:
+    """Module names of a segmentation model's post-bottleneck (decoder) layers, in execution order.
+
+    auto: the bottleneck is the last 4-D module output of smallest h*w; every Conv2d /
+    ConvTranspose2d called after it, advanced through directly following BatchNorm /
+    activation modules (as conv blocks are), except the one producing the model's output
+    (the scoring head). `requested`: comma-separated module names with 4-D outputs instead.
+    """
+    spatial = [c for c in _dry_run(model, spec, device) if len(c.shape) == 4]
+    if not spatial:
+        raise ProbeError("the model has no layer with a 4-D spatial output")
+    if requested != "auto":
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        for n in names:
+            _pick(n, spatial, "layers.target", None)
+        return list(dict.fromkeys(names))
+    area = [c.shape[2] * c.shape[3] for c in spatial]
+    neck = max(i for i, a in enumerate(area) if a == min(area))
+    last_out = spatial[-1].out_id
+    out = []
+    for i in range(neck + 1, len(spatial)):
+        if isinstance(spatial[i].module, (nn.Conv2d, nn.ConvTranspose2d)):
+            j = _advance(spatial, i)
+            if spatial[j].out_id != last_out:
+                out.append(spatial[j].name)
+    if not out:
+        raise ProbeError(f"no convolution runs after the bottleneck ({spatial[neck].name}, "
+                         f"{list(spatial[neck].shape[1:])}); name the decoder layers in "
+                         f"layers.target")
+    return list(dict.fromkeys(out))
+
+
 def _dry_run(model: nn.Module, spec: ModelSpec, device: torch.device) -> list[_Call]:
     """The module calls of one pass on a zero input built from the spec, in execution order,
     keeping modules called exactly once (a shared module has no single output to probe)."""
@@ -250,7 +291,8 @@ def _dry_run(model: nn.Module, spec: ModelSpec, device: torch.device) -> list[_C
         calls.append(_Call(name, module, in_id, id(output), shape, (inputs, output)))
 
     handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n]
-    x = torch.zeros((1, spec.channels, *spec.size), device=device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.zeros((1, spec.channels, *spec.size), device=device, dtype=dtype)
     try:
         with probe_state_restored(model), torch.no_grad():
             model(x)

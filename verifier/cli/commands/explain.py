@@ -4,8 +4,8 @@
   verifier explain --spec model.toml --method crm --per-class labelled/ --out roi/
   verifier explain --spec model.toml --method gradcam,scorecam scans/ --out maps/ --faithfulness --json
 
-Methods: gradcam, gradcam++, scorecam, cam, saliency, guided_backprop, sam, crm (comma-
-separated; docs/attribution.md). An ONNX or TorchScript model runs gradcam, scorecam, cam
+Methods: gradcam, gradcam++, scorecam, cam, saliency, guided_backprop, sam, crm, and kwc
+for segmentation models (comma-separated; docs/attribution.md, docs/segmentation.md). An ONNX or TorchScript model runs gradcam, scorecam, cam
 and crm; the others need gradients onnxruntime does not give and are refused with that
 list. Maps are raw (not normalised): CAM-family at the target layer's grid, gradient
 methods at input resolution. --per-class takes one labelled folder (DIR/<class>/<images>)
@@ -14,6 +14,12 @@ and .png (CRM's class-specific ROI maps). --faithfulness adds deletion and inser
 per image (lower deletion and higher insertion = more faithful). An unreadable input gets
 an error record and the rest go on. Exit 0 when some image was explained, 2 when none
 could be (or on a usage, spec or method error).
+
+A segmentation spec ([model] task = "segmentation"; docs/segmentation.md) explains each
+image's largest predicted non-background region (or --target's class region) with kwc (the
+one gradient-free method, so the one a model file runs) over the decoder layers found
+after the bottleneck (--layer names them, comma-separated); every record carries
+prediction_preserved and image_preserved, and the summary a median table across methods.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files or folders (with --per-class: one labelled folder or CSV)")
     p.add_argument("--out", required=True, help="folder for maps, overlays and explain.json")
-    p.add_argument("--layer", default=None, help="target layer (default: the spec's, else auto)")
+    p.add_argument("--layer", default=None, help="target layer (default: the spec's, else auto; segmentation: decoder layers, comma-separated)")
     p.add_argument("--target", default=None,
                    help="class to explain, by name or index (default: the predicted class; "
                         "with --per-class: each image's true class)")
@@ -49,9 +55,15 @@ def run(args: argparse.Namespace) -> int:
     from verifier.data import iter_batches, labelled_dataset
     from verifier.spec import load_spec, model_fingerprint
 
+    from verifier.attribution.core import check_task
+
     spec = load_spec(args.spec)
     methods = [get_method(m.strip()).name for m in args.method.split(",") if m.strip()]
+    check_task(spec.task, methods)
     check_backend(spec, methods)
+    if spec.task == "segmentation" and args.faithfulness:
+        raise ValueError("--faithfulness is for classifiers; a segmentation spec reports "
+                         "prediction_preserved / image_preserved in every record")
     target = _target(args.target, spec.classes)
     layer = args.layer or spec.target_layer
     if args.per_class:
@@ -97,6 +109,7 @@ class _Job:
         e = explain(self.spec, xb, self.methods, target=tgt, layer=self.layer)
         self.resolved_layer = e.layer
         faith = self._faithfulness(xb, e) if self.args.faithfulness else {}
+        kept = self._preserved(xb, e) if e.task == "segmentation" else {}
         gray = self._gray(xb)
         for i, r in enumerate(ok):
             self.explained += 1
@@ -110,6 +123,11 @@ class _Job:
                        "overlay": self.out.write_png(
                            f"{name}.{m}.png", _overlay(gray[i], amap, self.registry[m].signed)),
                        **_figures(amap)}
+                if m in kept:
+                    pp = float(kept[m].prediction_preserved[i])
+                    rec["region_pixels"] = int(round(float(e.region[i].sum())))
+                    rec["prediction_preserved"] = None if np.isnan(pp) else round(pp, 6)
+                    rec["image_preserved"] = round(float(kept[m].image_preserved[i]), 6)
                 if m in faith:
                     rec["deletion_auc"] = round(float(faith[m].deletion_auc[i]), 6)
                     rec["insertion_auc"] = round(float(faith[m].insertion_auc[i]), 6)
@@ -134,8 +152,16 @@ class _Job:
                         **_figures(mean)})
         if not self.args.json:
             _summary(self.records, self.methods)
+        extra = {}
+        if self.spec.task == "segmentation":
+            from verifier.attribution.preserved import THRESHOLDS
+
+            extra = {"task": "segmentation", "layers": (self.resolved_layer or "").split(","),
+                     "preserved": {"thresholds": list(THRESHOLDS), "baseline": 0.0,
+                                   "rule": "keep pixels where map / max(map) >= t, others set "
+                                           "to the baseline; mean over t"}}
         self.out.write_manifest({**meta, "methods": self.methods, "layer": self.resolved_layer,
-                                 "records": self.records})
+                                 **extra, "records": self.records})
 
     def _faithfulness(self, xb, e) -> dict[str, Any]:
         from verifier.attribution import deletion_insertion, predictor
@@ -144,6 +170,14 @@ class _Job:
             self._predict = predictor(self.spec, self.spec.channels, self.spec.size)
         return {m: deletion_insertion(self._predict, xb, e.maps[m], e.targets,
                                       steps=self.args.steps) for m in self.methods}
+
+    def _preserved(self, xb, e) -> dict[str, Any]:
+        from verifier.attribution import predictor, preserved
+
+        if self._predict is None:
+            self._predict = predictor(self.spec, self.spec.channels, self.spec.size)
+        return {m: preserved(self._predict, xb, e.maps[m], e.targets, e.region)
+                for m in self.methods}
 
     def _gray(self, xb: np.ndarray) -> np.ndarray:
         mean = np.asarray(self.spec.mean)[None, :, None, None]
@@ -207,6 +241,17 @@ def _summary(records: list[dict[str, Any]], methods: list[str]) -> None:
             print(f"{m}: mean deletion AUC {np.mean([r['deletion_auc'] for r in rows]):.3f}, "
                   f"insertion AUC {np.mean([r['insertion_auc'] for r in rows]):.3f} over "
                   f"{len(rows)} images", file=sys.stderr)
+    seg = [r for r in maps if "image_preserved" in r]
+    if seg:
+        print(f"{'method':<15} {'images':>6}  {'median PP':>9}  {'median IP':>9}   "
+              f"(Prediction Preserved: higher is better; Image Preserved: lower is better)")
+        for m in methods:
+            rows = [r for r in seg if r["method"] == m]
+            pp = [r["prediction_preserved"] for r in rows if r["prediction_preserved"] is not None]
+            ip = [r["image_preserved"] for r in rows]
+            if rows:
+                print(f"{m:<15} {len(rows):>6}  {np.median(pp) if pp else float('nan'):>9.3f}  "
+                      f"{np.median(ip):>9.3f}")
     for r in errors:
         print(f"error: {r['input']}: {r['error']}", file=sys.stderr)
 

@@ -1,0 +1,328 @@
+"""Segmentation attribution on a trained U-Net over real MNIST digit canvases (docs/segmentation.md).
+
+KWC against a naive per-image, per-kernel loop; the adapted methods against the
+classification method applied per decoder layer and summed; Prediction / Image Preserved
+against a direct re-segmentation of each masked input; task mismatches refused by shape.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from verifier.attribution import AttributionError, attribute, explain, predictor, preserved
+from verifier.examples.zoo import canvas_spec, mnist_spec, preprocess_uint8
+
+LAYERS = ["dec3.2", "dec2.2", "dec1.2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """This small a model runs fastest on one thread (2 threads on a shared box: 5-10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def xs(seg_data) -> np.ndarray:
+    return preprocess_uint8(seg_data[2][:12]).numpy()
+
+
+def close(a: np.ndarray, b: np.ndarray, rel: float) -> bool:
+    """Equal up to `rel` of the larger map's peak (maps are raw, unnormalised)."""
+    scale = max(np.abs(a).max(), np.abs(b).max(), 1e-30)
+    return a.shape == b.shape and np.abs(a - b).max() <= rel * scale
+
+
+def up(m: torch.Tensor, size) -> torch.Tensor:
+    m = m.double()
+    return m if tuple(m.shape[1:]) == tuple(size) else \
+        F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def test_model_segments_real_digits(seg_model, seg_data):
+    _, _, hi, hm = seg_data
+    with torch.no_grad():
+        pred = seg_model(preprocess_uint8(hi)).argmax(1).numpy()
+    fg = hm > 0
+    assert (pred == hm).mean() > 0.9 and fg.mean() < 0.25      # beats all-background
+    assert (pred[fg] == hm[fg]).mean() > 0.5                     # digit classes, not just ink
+
+
+def test_layers_found_and_reported(seg_model, xs):
+    spec = canvas_spec(seg_model)
+    e = explain(spec, xs, ["gradcam"])
+    assert e.layer == ",".join(LAYERS) and e.task == "segmentation"
+    assert e.maps["gradcam"].shape == (12, 32, 48) and e.region.shape == (12, 32, 48)
+    assert (e.targets > 0).all()  # background is never the default target
+    # the target is the largest predicted non-background class, its region that prediction
+    with torch.no_grad():
+        pred = seg_model(torch.as_tensor(xs)).argmax(1).numpy()
+    for i in range(12):
+        counts = np.bincount(pred[i].ravel(), minlength=11)
+        counts[0] = -1
+        assert e.targets[i] == counts.argmax()
+        assert np.array_equal(e.region[i], (pred[i] == e.targets[i]).astype(float))
+    one = explain(seg_model, xs, ["gradcam"], layer="dec1.2")
+    assert one.layer == "dec1.2" and not close(one.maps["gradcam"], e.maps["gradcam"], 1e-3)
+    with pytest.raises(AttributionError, match="Candidates: .*dec2.2"):
+        attribute(seg_model, xs, "kwc", layer="dec9")
+
+
+def test_kwc_equals_naive_kernel_loop(seg_model, xs):
+    m64 = copy.deepcopy(seg_model).double()
+    x = xs[:2].astype(np.float64)
+    e = explain(m64, x, ["kwc"])
+    mods = dict(m64.named_modules())
+    xt = torch.as_tensor(x)
+    naive = np.zeros((2, 32, 48))
+    with torch.no_grad():
+        for i in range(2):
+            c, region = int(e.targets[i]), torch.as_tensor(e.region[i])
+
+            def y(layer=None, keep=None):
+                hook = None if layer is None else mods[layer].register_forward_hook(
+                    lambda mod, inp, out: out * keep[None, :, None, None])
+                try:
+                    return float((m64(xt[i:i + 1])[0, c] * region).sum())
+                finally:
+                    if hook is not None:
+                        hook.remove()
+
+            acts = {}
+            hooks = [mods[n].register_forward_hook(
+                lambda mod, inp, out, n=n: acts.__setitem__(n, out[0])) for n in LAYERS]
+            full = y()
+            for h in hooks:
+                h.remove()
+            total = torch.zeros(32, 48, dtype=torch.float64)
+            for name in LAYERS:
+                a = acts[name]
+                k = a.shape[0]
+                none = y(name, torch.zeros(k, dtype=torch.float64))
+                lm = torch.zeros(a.shape[1:], dtype=torch.float64)
+                for j in range(k):
+                    off = torch.ones(k, dtype=torch.float64)
+                    off[j] = 0
+                    only = torch.zeros(k, dtype=torch.float64)
+                    only[j] = 1
+                    dep, ind = full - y(name, off), y(name, only) - none
+                    lm += 0.5 * (dep + ind) * a[j]
+                total += up(lm[None], (32, 48))[0]
+            naive[i] = total.clamp_min(0).numpy()
+    assert naive.max() > 0 and (naive == 0).any()
+    assert close(e.maps["kwc"], naive, 1e-6)
+    # float32 model: the same map up to float32 rounding of the ablation differences
+    assert close(attribute(seg_model, xs[:2], "kwc"), naive, 1e-3)
+
+
+class RegionScore(nn.Module):
+    """A classifier view of the segmenter: out[n, k] = sum_ij region[n, ij] * scores[n, k, ij]."""
+
+    def __init__(self, net: nn.Module, region: np.ndarray) -> None:
+        super().__init__()
+        self.net, self.region = net, torch.as_tensor(region, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.net(x) * self.region[:len(x), None]).sum(dim=(2, 3))  # rows from the first
+
+
+class LayerAsInput(nn.Module):
+    """The region score as a function of one decoder layer's activation (fed as the input)."""
+
+    def __init__(self, net: nn.Module, layer: str, x: torch.Tensor, region: np.ndarray) -> None:
+        super().__init__()
+        self.score, self.layer, self.x = RegionScore(net, region), layer, x
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        mod = dict(self.score.net.named_modules())[self.layer]
+        h = mod.register_forward_hook(lambda m, i, o: a)
+        try:
+            return self.score(self.x[:len(a)])
+        finally:
+            h.remove()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "saliency"])
+def test_adapted_methods_equal_classification_per_layer_summed(seg_model, xs, method):
+    e = explain(canvas_spec(seg_model), xs, [method])
+    tgt, x = e.targets, torch.as_tensor(xs)
+    total = torch.zeros(12, 32, 48, dtype=torch.float64)
+    for name in LAYERS:
+        if method == "saliency":
+            acts = {}
+            h = dict(seg_model.named_modules())[name].register_forward_hook(
+                lambda m, i, o: acts.__setitem__("a", o.detach()))
+            with torch.no_grad():
+                seg_model(x)
+            h.remove()
+            per = attribute(LayerAsInput(seg_model, name, x, e.region), acts["a"].numpy(),
+                            "saliency", target=tgt)
+        else:
+            per = attribute(RegionScore(seg_model, e.region), xs, method, target=tgt,
+                            layer=f"net.{name}")
+        total += up(torch.as_tensor(per), (32, 48))
+    assert total.max() > 0
+    assert close(e.maps[method], total.numpy(), 1e-5)
+
+
+def test_preserved_equals_direct_resegmentation(seg_model, xs):
+    e = explain(canvas_spec(seg_model), xs, ["kwc", "gradcam"])
+    seg = predictor(seg_model, 1, (32, 48))
+    for m in ("kwc", "gradcam"):
+        got = preserved(seg, xs, e.maps[m], e.targets, e.region)
+        pp, ip = np.zeros((12, 9)), np.zeros((12, 9))
+        with torch.no_grad():
+            for i in range(12):
+                amap = e.maps[m][i]
+                for j, t in enumerate(np.arange(1, 10) / 10):
+                    keep = amap / amap.max() >= t
+                    xm = torch.as_tensor(np.where(keep, xs[i, 0], 0.0)[None, None], dtype=torch.float32)
+                    pred = seg_model(xm)[0].argmax(0).numpy()
+                    reg = e.region[i] > 0
+                    pp[i, j] = (pred[reg] == e.targets[i]).mean()
+                    ip[i, j] = keep.mean()
+        assert np.allclose(got.prediction_curve, pp, atol=1e-12)
+        assert np.allclose(got.image_curve, ip, atol=1e-12)
+        assert np.allclose(got.prediction_preserved, pp.mean(1), atol=1e-12)
+        assert np.allclose(got.image_preserved, ip.mean(1), atol=1e-12)
+        assert 0 < np.median(got.prediction_preserved) and 0 < np.median(got.image_preserved) < 1
+    top = preserved(seg, xs, e.maps["kwc"], e.targets, e.region, fractions=(0.1, 0.5))
+    assert np.allclose(top.image_curve, [[0.1, 0.5]], atol=1 / (32 * 48))  # equal share kept
+    assert (top.prediction_curve[:, 1] >= 0).all() and top.thresholds == (0.1, 0.5)
+
+
+def test_mask_target_and_class_targets(seg_model, xs):
+    mask = np.zeros((32, 48), dtype=bool)
+    mask[:, 24:] = True  # the right-hand digit
+    e = explain(canvas_spec(seg_model), xs, ["gradcam"], target=mask)
+    assert np.array_equal(e.region, np.broadcast_to(mask, (12, 32, 48)).astype(float))
+    with torch.no_grad():
+        pred = seg_model(torch.as_tensor(xs)).argmax(1).numpy()
+    for i in range(12):
+        counts = np.bincount(pred[i][mask], minlength=11)
+        counts[0] = -1
+        assert e.targets[i] == counts.argmax()
+    three = explain(canvas_spec(seg_model), xs, ["gradcam"], target=4)
+    assert (three.targets == 4).all() and np.array_equal(three.region, (pred == 4).astype(float))
+    with pytest.raises(AttributionError, match="mask target"):
+        attribute(seg_model, xs, "gradcam", target=np.ones((3, 4, 5)))
+
+
+def test_task_mismatch_refused_with_the_shape_found(seg_model, xs):
+    from verifier.examples.zoo import SmallCNN
+
+    gap_model = SmallCNN().eval()  # any classifier: only its output shape matters here
+    x28 = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    wrong = canvas_spec(gap_model, size=(28, 28))
+    with pytest.raises(AttributionError, match=r"segmentation.*shape \(\d+, 10\)"):
+        attribute(wrong, x28, "kwc")
+    with pytest.raises(AttributionError, match=r"\(N, K\) logits.*shape \(\d+, 11, 32, 48\)"):
+        attribute(mnist_spec(seg_model, classes=11), xs[:2], "gradcam")
+    with pytest.raises(AttributionError, match="segmentation models only"):
+        attribute(gap_model, x28, "kwc")
+    with pytest.raises(AttributionError, match="cannot explain a segmentation model.*kwc"):
+        attribute(seg_model, xs[:2], "crm")
+
+
+def test_deterministic_and_state_restored(seg_model, xs):
+    seg_model.train()
+    try:
+        a = attribute(seg_model, xs[:3], "kwc")
+        assert seg_model.training and all(p.requires_grad for p in seg_model.parameters())
+    finally:
+        seg_model.eval()
+    assert np.array_equal(a, attribute(seg_model, xs[:3], "kwc"))
+
+
+SEG_TOML = ('[model]\npath = "seg.onnx"\ntask = "segmentation"\nbackground_class = 0\n'
+            'classes = ["background", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]\n'
+            '[input]\nsize = [32, 48]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n')
+
+
+@pytest.fixture(scope="module")
+def seg_onnx(tmp_path_factory, seg_model):
+    from verifier.probe.onnx_backend import export_onnx
+
+    root = tmp_path_factory.mktemp("seg")
+    export_onnx(seg_model, canvas_spec(seg_model), root / "seg.onnx")
+    (root / "seg.toml").write_text(SEG_TOML)
+    return root
+
+
+def test_kwc_on_onnx_equals_torch(seg_model, seg_onnx, xs):
+    eo = explain(seg_onnx / "seg.toml", xs[:4], ["kwc"])
+    et = explain(canvas_spec(seg_model), xs[:4], ["kwc"])
+    assert eo.layer.count(",") == 2 and "dec1.2" in eo.layer  # the same three decoder layers
+    assert np.array_equal(eo.targets, et.targets) and np.array_equal(eo.region, et.region)
+    assert close(eo.maps["kwc"], et.maps["kwc"], 1e-5)
+    with pytest.raises(AttributionError, match="It runs: kwc"):
+        attribute(seg_onnx / "seg.toml", xs[:2], "gradcam")
+
+
+def test_explain_cli_reports_preserved(seg_onnx, seg_data, capsys, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from verifier.cli.main import main
+
+    for i, im in enumerate(seg_data[2][:3]):
+        Image.fromarray(im).save(tmp_path / f"c{i}.png")
+    code = main(["explain", "--spec", str(seg_onnx / "seg.toml"), "--method", "kwc",
+                 str(tmp_path / "c0.png"), str(tmp_path / "c1.png"), str(tmp_path / "c2.png"),
+                 "--out", str(tmp_path / "out"), "--json"])
+    recs = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.strip()]
+    assert code == 0 and len(recs) == 3
+    for r in recs:
+        assert r["shape"] == [32, 48] and r["class"] != "background" and r["region_pixels"] > 0
+        assert 0 <= r["prediction_preserved"] <= 1 and 0 < r["image_preserved"] < 1
+    manifest = json.loads((tmp_path / "out" / "explain.json").read_text())
+    assert manifest["task"] == "segmentation" and len(manifest["layers"]) == 3
+    assert main(["explain", "--spec", str(seg_onnx / "seg.toml"), "--method", "crm",
+                 str(tmp_path / "c0.png"), "--out", str(tmp_path / "o2")]) == 2
+
+
+def dominant(masks: np.ndarray) -> np.ndarray:
+    """Each canvas's largest true digit region's class (the image-level label)."""
+    area = np.stack([(masks == k).sum(axis=(1, 2)) for k in range(11)], axis=1)
+    area[:, 0] = -1
+    return area.argmax(axis=1)
+
+
+def test_gate_takes_a_segmentation_model(seg_model, seg_data, seg_onnx, mnist, tmp_path):
+    from verifier.bundle.builder import build_bundle
+    from verifier.bundle.directory import Bundle
+    from verifier.examples.datasets import digit_canvases, ood_images
+    from verifier.probe.factory import open_probe
+    from verifier.probe.seg_backend import SegmentationProbe
+    from verifier.runtime.gatekeeper import Gatekeeper
+
+    spec = canvas_spec(seg_model)
+    probe = open_probe(spec)
+    assert isinstance(probe, SegmentationProbe) and probe.target_layer == ",".join(LAYERS)
+    xs = preprocess_uint8(seg_data[2][:8]).numpy()
+    res = probe.run(xs)
+    e = explain(spec, xs, ["gradcam"])  # the gate's map is the adapted Grad-CAM
+    assert np.array_equal(res.cam_class, e.targets) and close(res.cam, e.maps["gradcam"], 1e-5)
+    x, y = mnist
+    ti, tm = seg_data[0][:400], seg_data[1][:400]
+    ci, cm = digit_canvases(x[3000:3600], y[3000:3600], 200, seed=2)
+    build_bundle(spec, (ti, dominant(tm)), tmp_path / "b", calibration=(ci, dominant(cm)), seed=0)
+    gk = Gatekeeper(Bundle.load(tmp_path / "b", model=seg_model), alpha=0.05)
+    assert gk.bundle.spec.task == "segmentation"
+    held = np.mean([d.accepted for d in gk.gate(seg_data[2])])
+    photos = np.mean([d.accepted for d in gk.gate(ood_images("photos", 64, size=(32, 48)))])
+    assert held > 0.8 and photos < 0.2
+    from verifier.probe.base import ProbeError
+    from verifier.spec import load_spec
+
+    with pytest.raises(ProbeError, match="segmentation model as an nn.Module"):
+        open_probe(load_spec(seg_onnx / "seg.toml"))
+
