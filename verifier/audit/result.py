@@ -15,7 +15,8 @@ __all__ = ["AuditResult", "Check", "AuditEvidence", "SwapEvidence", "PatternEvid
 
 AUDIT_FORMAT_VERSION = 1
 
-#: every check an audit can run, in report order
+#: every fixed check an audit can run, in report order; a bundle storing further attribution
+#: methods adds <method>_attention_per_image / _per_class after the Grad-CAM ones
 CHECK_NAMES = ("evidence_region_swap", "evidence_label_pattern", "accuracy", "attention_per_image", "attention_per_class",
                "early_per_image", "early_per_class", "early_channel_statistics",
                "attribution_randomisation", "attribution_faithfulness", "garbage_rejection",

@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantile", type=float, default=None,
                    help="reference's own tail level behind the map thresholds (default: bundle alpha)")
     p.add_argument("--min-measures", type=int, default=4,
-                   help="of the seven measures, how many must agree (default 4)")
+                   help="of the bundle's measures (the seven by default), how many must agree per "
+                        "attention and early-map check (default 4)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--verify-key", metavar="KEY", help="key file: refuse the bundle unless it is signed by this key (HMAC secret or Ed25519 public key; docs/bundle.md)")
 
