@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,7 +29,8 @@ from verifier.scoring.comparator import ATTENTION_MEASURES
 from verifier.scoring.measures import compare_maps
 from verifier.spec import ModelSpec
 
-__all__ = ["audit", "AuditResult", "Check", "AuditEvidence", "SwapEvidence",
+__all__ = ["audit", "AuditEngine", "LocalAudit", "PairBatch", "ProbedPair", "pair_batch",
+           "join_pairs", "AuditResult", "Check", "AuditEvidence", "SwapEvidence",
            "AuditError", "CHECK_NAMES", "AUDIT_FORMAT_VERSION", "SHIFT_FLOOR"]
 
 
@@ -39,7 +40,7 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
           unused_level: float = 0.2, shift_floor: float = SHIFT_FLOOR,
           attention_decides: bool = False, sanity: bool = True, seed: int = 0,
           batch_size: int = 64, worst: int = 8, reference_probe: Probe | None = None,
-          candidate_probe: Probe | None = None) -> AuditResult:
+          candidate_probe: Probe | None = None, engine: AuditEngine | None = None) -> AuditResult:
     """Audit `candidate` against the bundle's reference model on labelled `data`.
 
     data: a folder DIR/<class>/..., a CSV `path,label`, (images, labels) arrays or a
@@ -56,6 +57,8 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     Grad-CAM comparisons are reported; they decide only with `attention_decides` (Grad-CAM
     maps of two heads differ for suitable models; docs/audit.md). quantile, tolerance and
     min_measures set those map checks' thresholds (see docs/audit.md).
+    engine: where both models are probed on every image (default: this process;
+    `verifier.engines` has Ray); the checks run here on the joined runs.
     """
     q = float(bundle.alpha if quantile is None else quantile)
     if not 0.0 < q < 0.5:
@@ -74,7 +77,8 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     ref_probe = reference_probe or open_probe(bundle.spec)
     cand_probe = candidate_probe or open_probe(candidate)
     labelled = LabelledData.from_source(data, bundle.classes)
-    runs = _probe_pair(bundle, candidate, ref_probe, cand_probe, labelled, batch_size)
+    engine = engine if engine is not None else LocalAudit(ref_probe, cand_probe)
+    runs = join_pairs(engine.pair_batches(bundle, candidate, labelled, batch_size), labelled)
     ref, cand, labels = runs.ref, runs.cand, runs.labels
     store, k = bundle.store, bundle.spec.num_classes
 
@@ -139,41 +143,85 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
 
 # ------------------------------------------------------------------ probing
 @dataclass
-class _Pair:
+class ProbedPair:
+    """Both models on the audit images: their runs, the labels (N,) and `kept`, the indices
+    into the labelled data of the images both models read (N,)."""
+
     ref: ModelRun
     cand: ModelRun
     labels: np.ndarray
-    kept: np.ndarray  # indices into the labelled data of the images both models read
+    kept: np.ndarray
 
 
-def _probe_pair(bundle: Bundle, candidate: ModelSpec, ref_probe: Probe, cand_probe: Probe,
-                data: LabelledData, batch_size: int) -> _Pair:
-    """Both models on the same images, each preprocessed by its own spec, Grad-CAM of the
-    true class; images either model cannot read are left out of both."""
-    grid = bundle.store.grid
-    parts: dict[str, list[list[np.ndarray]]] = {"ref": [], "cand": []}
-    kept, start = [], 0
-    for (r_rec, r_x), (c_rec, c_x) in zip(_batches(data, bundle.spec, batch_size),
-                                          _batches(data, candidate, batch_size)):
-        r_ok = np.array([r.error is None for r in r_rec])
-        c_ok = np.array([r.error is None for r in c_rec])
-        both = r_ok & c_ok
-        idx = start + np.flatnonzero(both)
-        start += len(r_rec)
-        if not both.any():
-            continue
-        lab = data.labels[idx]
-        for key, probe, x, ok in (("ref", ref_probe, r_x, r_ok), ("cand", cand_probe, c_x, c_ok)):
-            res = probe.run(x[both[ok]], classes=lab)
-            parts[key].append([res.logits, to_grid(res.cam, grid), to_grid(res.early_map, grid),
-                               res.early_stats])
-        kept.append(idx)
+class AuditEngine(Protocol):
+    """Probes both models on every labelled image; one `PairBatch` per batch, input order."""
+
+    def pair_batches(self, bundle: Bundle, candidate: ModelSpec, data: LabelledData,
+                     batch_size: int) -> Iterator[PairBatch]: ...
+
+
+@dataclass
+class PairBatch:
+    """One batch of `pair_batch`: `kept` (n,) indices into the labelled data, both runs."""
+
+    kept: np.ndarray
+    ref: ModelRun
+    cand: ModelRun
+
+
+class LocalAudit:
+    """Both models probed in this process."""
+
+    def __init__(self, ref_probe: Probe, cand_probe: Probe) -> None:
+        self.ref_probe, self.cand_probe = ref_probe, cand_probe
+
+    def pair_batches(self, bundle: Bundle, candidate: ModelSpec, data: LabelledData,
+                     batch_size: int) -> Iterator[PairBatch]:
+        start = 0
+        for r, c in zip(_batches(data, bundle.spec, batch_size), _batches(data, candidate, batch_size)):
+            got = pair_batch(self.ref_probe, self.cand_probe, bundle.store.grid, r, c,
+                             data.labels[start:start + len(r[0])], start)
+            start += len(r[0])
+            if got is not None:
+                yield got
+
+
+def pair_batch(ref_probe: Probe, cand_probe: Probe, grid: tuple[int, int],
+               ref_batch: tuple[list, np.ndarray], cand_batch: tuple[list, np.ndarray],
+               labels: np.ndarray, start: int) -> PairBatch | None:
+    """Both models on one batch (records and preprocessed x from each model's own spec),
+    Grad-CAM of the true class (labels (n,) of the batch's inputs, the first being input
+    `start`); images either model cannot read are left out of both (None if all are)."""
+    (r_rec, r_x), (c_rec, c_x) = ref_batch, cand_batch
+    r_ok = np.array([r.error is None for r in r_rec])
+    c_ok = np.array([r.error is None for r in c_rec])
+    both = r_ok & c_ok
+    if not both.any():
+        return None
+    lab = np.asarray(labels)[both]
+    runs = []
+    for probe, x, ok in ((ref_probe, r_x, r_ok), (cand_probe, c_x, c_ok)):
+        res = probe.run(x[both[ok]], classes=lab)
+        runs.append(ModelRun(res.logits, to_grid(res.cam, grid), to_grid(res.early_map, grid),
+                             res.early_stats))
+    return PairBatch(start + np.flatnonzero(both), runs[0], runs[1])
+
+
+def join_pairs(batches: Iterator[PairBatch], data: LabelledData) -> ProbedPair:
+    """The batches of `pair_batches`, in input order, as one `ProbedPair`."""
+    kept: list[np.ndarray] = []
+    parts: dict[str, list[ModelRun]] = {"ref": [], "cand": []}
+    for b in batches:
+        kept.append(b.kept)
+        parts["ref"].append(b.ref)
+        parts["cand"].append(b.cand)
     if not kept:
         raise AuditError("no audit image could be read by both models")
-    runs = {key: ModelRun(*(np.concatenate([p[i] for p in ps]) for i in range(4)))
-            for key, ps in parts.items()}
+    runs = {key: ModelRun(*(np.concatenate([getattr(r, f) for r in rs])
+                            for f in ("logits", "cam", "early", "stats")))
+            for key, rs in parts.items()}
     kept_idx = np.concatenate(kept)
-    return _Pair(runs["ref"], runs["cand"], data.labels[kept_idx].astype(np.int64), kept_idx)
+    return ProbedPair(runs["ref"], runs["cand"], data.labels[kept_idx].astype(np.int64), kept_idx)
 
 
 def _batches(data: LabelledData, spec: ModelSpec, batch_size: int) -> Iterator[tuple[list, np.ndarray]]:
