@@ -1,5 +1,5 @@
 """A job's inputs cut into chunks of one batch each, as a folder of small Parquet files that
-workers read (one block per file), plus the job's staging folder. No Ray here.
+Ray Data maps (one block per file), plus the job's staging folder. No Ray here.
 
 A chunk holds exactly the inputs one local batch would hold, in the same order, so every
 engine probes the same batches (same numbers) and a missing chunk names its inputs.
@@ -70,7 +70,7 @@ def job_items(inputs: Sequence[str | Path], manifest: str | Path | None = None,
 
 
 def write_chunks(items: Iterable[InputItem], batch_size: int, folder: Path,
-                 chunks_per_file: int = 4) -> ChunkIndex:
+                 chunks_per_file: int = 1) -> ChunkIndex:
     """Cut items into chunks of `batch_size`, `chunks_per_file` chunks per Parquet file under
     `folder` (streamed: one file's rows in memory at a time)."""
     if batch_size < 1 or chunks_per_file < 1:

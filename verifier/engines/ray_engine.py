@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from verifier.engines.chunks import ChunkIndex, chunk_items, missing_sources, write_chunks
 from verifier.engines.options import EngineError, EngineOptions
@@ -86,11 +87,11 @@ def iter_chunks(ray: Any, index: ChunkIndex, worker: type, kwargs: dict[str, Any
     done: set[int] = set()
     failure: BaseException | None = None
     if files:
-        # read first, then start the workers: a read task waiting for a CPU that the pool's
-        # actors hold would wait forever on a small cluster (the chunk list is small)
-        # blocks of a few chunks each, at least a few per worker: the pool shares the work
-        blocks = min(index.chunks, max(len(files), 4 * options.workers))
-        ds = ray.data.read_parquet(files).repartition(blocks).materialize()
+        # One block per chunk file, put by the driver one file at a time (its heap holds one;
+        # the object store the job's list of names). Not read_parquet: its read tasks would
+        # wait forever for a CPU the pool's actors hold on a small cluster, and its threaded
+        # file indexer races on an optional fsspec import (Ray 2.60 without aiohttp).
+        ds = ray.data.from_arrow_refs([ray.put(pq.read_table(f)) for f in files])
         # bounded restarts (Ray Data's default is forever): passed as remote args, the only
         # way Ray Data offers, deprecated in 2.60 in favour of nothing yet
         with warnings.catch_warnings():
