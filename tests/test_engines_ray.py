@@ -157,3 +157,20 @@ def test_local_engine_needs_no_ray(bundles, site, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "pip install 'verifier[ray]'" in run.stderr
     assert pq.read_table(tmp_path / "d.parquet").num_rows == len(list((site / "scans" / "1").glob("*")))
+
+
+def test_out_never_overwrites_what_the_tool_did_not_write(bundles, site, tmp_path, capsys):
+    from verifier.cli.main import main
+
+    out = tmp_path / "d.parquet"
+    out.write_text("somebody's notes")
+    args = ["gate", "--bundle", str(site / "bundle_local"), str(site / "scans" / "1"), "--out", str(out)]
+    assert main(args) == 2 and main([*args, "--overwrite"]) == 2
+    assert out.read_text() == "somebody's notes"
+    assert "never overwritten" in capsys.readouterr().err
+    out.unlink()
+    assert main(args) == 0
+    assert main(args) == 2  # exists: refused without --overwrite
+    assert main([*args, "--overwrite"]) == 0  # our own file: replaced
+    assert pq.read_table(out).num_rows == len(list((site / "scans" / "1").glob("*")))
+    assert [p.name for p in tmp_path.iterdir()] == ["d.parquet"]  # no temporaries left
