@@ -138,6 +138,9 @@ class ReferenceStore:
         if other.early_channels != self.early_channels:
             raise ValueError(f"cannot merge stores with {other.early_channels} and "
                              f"{self.early_channels} early channels")
+        if self.features is None and other.features is not None and not self._cam.count_.any():
+            o = other.features  # an empty store takes the other's depth layout
+            self.features = FeatureReference(len(self.classes), o.dims, o.bank_size, o.seed)
         self._cam.merge(other._cam)
         self._early.merge(other._early)
         self._stats.merge(other._stats)

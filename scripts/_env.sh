@@ -11,7 +11,7 @@ stamp=.venv/.verifier-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q -c constraints.txt "torch==2.13.0"
-  "$PY" -m pip install -q -c constraints.txt -e ".[dev,demo]"
+  "$PY" -m pip install -q -c constraints.txt -e ".[dev,demo,ray]"
   # test reference for Grad-CAM++ / Score-CAM; --no-deps: its torchvision cannot load beside this torch
   "$PY" -m pip install -q -c constraints.txt --no-deps "grad-cam==1.5.7"
   touch "$stamp"

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("verifier", "reference_maps", "calibration")
 #: extras a plain install lacks: imported only inside functions, with an install hint
-OPTIONAL = {"mlxtend": "demo", "cryptography": "sign"}
+OPTIONAL = {"mlxtend": "demo", "cryptography": "sign", "ray": "ray"}
 #: used only when already installed (colormaps beyond the built-in ones), imported lazily
 WHEN_PRESENT = {"matplotlib"}
 

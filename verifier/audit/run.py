@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,7 +31,8 @@ from verifier.scoring.attention import MethodPass, check_methods, score_prefix
 from verifier.scoring.measures import compare_maps
 from verifier.spec import ModelSpec
 
-__all__ = ["audit", "AuditResult", "Check", "AuditEvidence", "SwapEvidence",
+__all__ = ["audit", "AuditEngine", "LocalAudit", "PairBatch", "ProbedPair", "pair_batch",
+           "join_pairs", "AuditResult", "Check", "AuditEvidence", "SwapEvidence",
            "AuditError", "CHECK_NAMES", "AUDIT_FORMAT_VERSION", "SHIFT_FLOOR", "PATTERN_FLOOR"]
 
 
@@ -42,7 +43,7 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
           pattern_floor: float = PATTERN_FLOOR,
           attention_decides: bool = False, sanity: bool = True, seed: int = 0,
           batch_size: int = 64, worst: int = 8, reference_probe: Probe | None = None,
-          candidate_probe: Probe | None = None) -> AuditResult:
+          candidate_probe: Probe | None = None, engine: AuditEngine | None = None) -> AuditResult:
     """Audit `candidate` against the bundle's reference model on labelled `data`.
 
     data: a folder DIR/<class>/..., a CSV `path,label`, (images, labels) arrays or a
@@ -65,6 +66,8 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     attribution method the bundle stores (`build --methods`) gets the same two attention
     checks, named `<method>_attention_per_image` / `_per_class` (skipped, with the reason,
     where a model's backend cannot compute the method).
+    engine: where both models are probed on every image (default: this process;
+    `verifier.engines` has Ray); the checks run here on the joined runs.
     """
     q = float(bundle.alpha if quantile is None else quantile)
     if not 0.0 < q < 0.5:
@@ -89,7 +92,12 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     methods, unrunnable = _runnable_methods(bundle, candidate)
     passes = (MethodPass(bundle.spec, methods, ref_probe.target_layer),
               MethodPass(candidate, methods, cand_probe.target_layer))
-    runs = _probe_pair(bundle, candidate, ref_probe, cand_probe, labelled, batch_size, passes)
+    engine = engine if engine is not None else LocalAudit(ref_probe, cand_probe, passes)
+    runs = join_pairs(engine.pair_batches(bundle, candidate, labelled, batch_size), labelled)
+    for key in methods:  # an engine that did not compute a method's maps: reported as skipped
+        if key not in runs.ref.maps or key not in runs.cand.maps:
+            unrunnable[key] = f"the audit engine ({type(engine).__name__}) does not compute {key} maps"
+    methods = tuple(m for m in methods if m not in unrunnable)
     ref, cand, labels = runs.ref, runs.cand, runs.labels
     store, k = bundle.store, bundle.spec.num_classes
 
@@ -174,11 +182,14 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
 
 # ------------------------------------------------------------------ probing
 @dataclass
-class _Pair:
+class ProbedPair:
+    """Both models on the audit images: their runs, the labels (N,) and `kept`, the indices
+    into the labelled data of the images both models read (N,)."""
+
     ref: ModelRun
     cand: ModelRun
     labels: np.ndarray
-    kept: np.ndarray  # indices into the labelled data of the images both models read
+    kept: np.ndarray
 
 
 def _runnable_methods(bundle: Bundle, candidate: ModelSpec) -> tuple[tuple[str, ...], dict[str, str]]:
@@ -199,40 +210,82 @@ def _runnable_methods(bundle: Bundle, candidate: ModelSpec) -> tuple[tuple[str, 
     return tuple(ok), skipped
 
 
-def _probe_pair(bundle: Bundle, candidate: ModelSpec, ref_probe: Probe, cand_probe: Probe,
-                data: LabelledData, batch_size: int,
-                passes: tuple[MethodPass, MethodPass]) -> _Pair:
-    """Both models on the same images, each preprocessed by its own spec, Grad-CAM (and the
-    maps of `passes`) of the true class; images either model cannot read are left out of both."""
-    grid = bundle.store.grid
-    parts: dict[str, list[list[np.ndarray]]] = {"ref": [], "cand": []}
-    maps: dict[str, dict[str, list[np.ndarray]]] = {"ref": {}, "cand": {}}
-    kept, start = [], 0
-    for (r_rec, r_x), (c_rec, c_x) in zip(_batches(data, bundle.spec, batch_size),
-                                          _batches(data, candidate, batch_size)):
-        r_ok = np.array([r.error is None for r in r_rec])
-        c_ok = np.array([r.error is None for r in c_rec])
-        both = r_ok & c_ok
-        idx = start + np.flatnonzero(both)
-        start += len(r_rec)
-        if not both.any():
-            continue
-        lab = data.labels[idx]
-        for key, probe, x, ok, mp in (("ref", ref_probe, r_x, r_ok, passes[0]),
-                                      ("cand", cand_probe, c_x, c_ok, passes[1])):
-            res = probe.run(x[both[ok]], classes=lab)
-            parts[key].append([res.logits, to_grid(res.cam, grid), to_grid(res.early_map, grid),
-                               res.early_stats])
-            for method, raw in mp(x[both[ok]], lab).items():
-                maps[key].setdefault(method, []).append(to_grid(np.nan_to_num(raw), grid))
-        kept.append(idx)
+class AuditEngine(Protocol):
+    """Probes both models on every labelled image; one `PairBatch` per batch, input order."""
+
+    def pair_batches(self, bundle: Bundle, candidate: ModelSpec, data: LabelledData,
+                     batch_size: int) -> Iterator[PairBatch]: ...
+
+
+@dataclass
+class PairBatch:
+    """One batch of `pair_batch`: `kept` (n,) indices into the labelled data, both runs."""
+
+    kept: np.ndarray
+    ref: ModelRun
+    cand: ModelRun
+
+
+class LocalAudit:
+    """Both models probed in this process."""
+
+    def __init__(self, ref_probe: Probe, cand_probe: Probe,
+                 passes: tuple[MethodPass, MethodPass] | None = None) -> None:
+        self.ref_probe, self.cand_probe, self.passes = ref_probe, cand_probe, passes
+
+    def pair_batches(self, bundle: Bundle, candidate: ModelSpec, data: LabelledData,
+                     batch_size: int) -> Iterator[PairBatch]:
+        start = 0
+        for r, c in zip(_batches(data, bundle.spec, batch_size), _batches(data, candidate, batch_size)):
+            got = pair_batch(self.ref_probe, self.cand_probe, bundle.store.grid, r, c,
+                             data.labels[start:start + len(r[0])], start, self.passes)
+            start += len(r[0])
+            if got is not None:
+                yield got
+
+
+def pair_batch(ref_probe: Probe, cand_probe: Probe, grid: tuple[int, int],
+               ref_batch: tuple[list, np.ndarray], cand_batch: tuple[list, np.ndarray],
+               labels: np.ndarray, start: int,
+               passes: tuple[MethodPass, MethodPass] | None = None) -> PairBatch | None:
+    """Both models on one batch (records and preprocessed x from each model's own spec),
+    Grad-CAM (and the maps of `passes`, the bundle's further methods) of the true class
+    (labels (n,) of the batch's inputs, the first being input `start`); images either model
+    cannot read are left out of both (None if all are)."""
+    (r_rec, r_x), (c_rec, c_x) = ref_batch, cand_batch
+    r_ok = np.array([r.error is None for r in r_rec])
+    c_ok = np.array([r.error is None for r in c_rec])
+    both = r_ok & c_ok
+    if not both.any():
+        return None
+    lab = np.asarray(labels)[both]
+    runs = []
+    for i, (probe, x, ok) in enumerate(((ref_probe, r_x, r_ok), (cand_probe, c_x, c_ok))):
+        res = probe.run(x[both[ok]], classes=lab)
+        raw = passes[i](x[both[ok]], lab) if passes is not None else {}
+        runs.append(ModelRun(res.logits, to_grid(res.cam, grid), to_grid(res.early_map, grid),
+                             res.early_stats,
+                             maps={m: to_grid(np.nan_to_num(v), grid) for m, v in raw.items()}))
+    return PairBatch(start + np.flatnonzero(both), runs[0], runs[1])
+
+
+def join_pairs(batches: Iterator[PairBatch], data: LabelledData) -> ProbedPair:
+    """The batches of `pair_batches`, in input order, as one `ProbedPair`."""
+    kept: list[np.ndarray] = []
+    parts: dict[str, list[ModelRun]] = {"ref": [], "cand": []}
+    for b in batches:
+        kept.append(b.kept)
+        parts["ref"].append(b.ref)
+        parts["cand"].append(b.cand)
     if not kept:
         raise AuditError("no audit image could be read by both models")
-    runs = {key: ModelRun(*(np.concatenate([p[i] for p in ps]) for i in range(4)),
-                          maps={m: np.concatenate(v) for m, v in maps[key].items()})
-            for key, ps in parts.items()}
+    runs = {key: ModelRun(*(np.concatenate([getattr(r, f) for r in rs])
+                            for f in ("logits", "cam", "early", "stats")),
+                          maps={m: np.concatenate([r.maps[m] for r in rs]) for m in rs[0].maps
+                                if all(m in r.maps for r in rs)})
+            for key, rs in parts.items()}
     kept_idx = np.concatenate(kept)
-    return _Pair(runs["ref"], runs["cand"], data.labels[kept_idx].astype(np.int64), kept_idx)
+    return ProbedPair(runs["ref"], runs["cand"], data.labels[kept_idx].astype(np.int64), kept_idx)
 
 
 def _batches(data: LabelledData, spec: ModelSpec, batch_size: int) -> Iterator[tuple[list, np.ndarray]]:

@@ -16,14 +16,14 @@ import numpy as np
 from calibration.conformal import GUARANTEES, ConformalCalibrator
 from calibration.fusion import FusedConformal
 from calibration.indist import InDistributionConformal
-from reference_maps.canonical import DEFAULT_GRID, to_grid
-from reference_maps.store import ReferenceStore
+from reference_maps.canonical import DEFAULT_GRID
 from verifier.bundle.directory import Bundle, check_bundle_out
-from verifier.probe.base import Probe, ProbeResult
+from verifier.bundle.passes import BuildEngine, LocalBuild, Scorer, StoreTemplate, to_raw_pixels
+from verifier.probe.base import Probe
 from verifier.probe.factory import open_probe
-from verifier.scoring.attention import DEFAULT_METHODS, MethodPass, check_methods
+from verifier.scoring.attention import DEFAULT_METHODS, check_methods
 from verifier.scoring.comparator import Comparator, higher_is_worse, score_family
-from verifier.scoring.garbage import GarbageHead, garbage_score, synthetic_garbage
+from verifier.scoring.garbage import GarbageHead, synthetic_garbage
 from verifier.scoring.measures import MEASURES
 from verifier.spec import ModelSpec
 
@@ -87,7 +87,8 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                  combine_families: Sequence[str] | None = COMBINED_FAMILIES,
                  overwrite: bool = False, sign_key: Any = None,
                  measures: Sequence[str] | None = None,
-                 methods: str | Sequence[str] = DEFAULT_METHODS) -> Bundle:
+                 methods: str | Sequence[str] = DEFAULT_METHODS,
+                 engine: BuildEngine | None = None) -> Bundle:
     """Build and save a bundle; returns it (loaded state, `bundle.info` holds the figures).
 
     data / calibration: a folder, a CSV manifest or (images, labels) arrays. Without
@@ -110,6 +111,9 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     methods: the attribution methods whose per-class reference maps the store keeps and the
     gate scores (Grad-CAM always; e.g. "gradcam,crm"); a method the model's backend cannot
     compute is refused (AttributionError naming those it can).
+    engine: where the reference and calibration passes run (default: this process with
+    `probe`; `verifier.engines` has Ray). Batches are folded in input order, so every engine
+    builds the same bundle. Synthetic garbage is probed here.
     """
     from verifier.bundle.signing import SignatureError, as_key
 
@@ -145,25 +149,24 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     say = _Reporter(progress)
 
     # 1. reference store + features for the garbage head
-    store = ReferenceStore(spec.classes, grid=grid, methods=methods[1:], metadata={
+    template = StoreTemplate(spec.classes, tuple(grid), {
         "model_fingerprint": probe.fingerprint, "target_layer": probe.target_layer,
         "early_layer": probe.early_layer, "attribution": "gradcam",
-        "gradient_method": probe.gradient_method, "grid": list(grid)})
-    method_pass = MethodPass(spec, methods[1:], probe.target_layer)
+        "gradient_method": probe.gradient_method, "grid": list(grid)},
+        methods=methods[1:], measures=measures)
+    engine = engine if engine is not None else LocalBuild(probe)
+    store = template.new()
     # Fixed-size uniform samples: memory does not grow with the number of reference images.
     feats, labels = _Reservoir(head_samples, rng), _Reservoir(head_samples, rng)
     pixels = _Reservoir(_PIXEL_SAMPLES, rng)  # uint8 pixels, the seed of the synthetic garbage
     correct = n_ref = unreadable = 0
-    for res, lab, x in say.batches(_probe_batches(probe, spec, ref, batch_size, use_labels=True), len(ref), "reference"):
-        cam, early = to_grid(res.cam, grid), to_grid(res.early_map, grid)
-        store.update(lab, cam, early, res.early_stats,
-                     depth_features=[*res.block_stats, res.features] if res.block_stats else None,
-                     maps=method_pass(x, res.cam_class))
-        keep = feats.offer(res.features)
-        labels.offer(lab, keep)
-        pixels.offer(np.round(to_raw_pixels(x, spec) * 255).astype(np.uint8))
-        correct += int((_predicted(res, spec) == lab).sum())
-        n_ref += len(lab)
+    for batch in say.batches(engine.reference_batches(spec, ref, batch_size, template), len(ref), "reference"):
+        store.merge(batch.store)  # bit-identical to store.update with the batch
+        keep = feats.offer(batch.features)
+        labels.offer(batch.labels, keep)
+        pixels.offer(batch.pixels)
+        correct += batch.correct
+        n_ref += len(batch.labels)
     unreadable += len(ref) - n_ref
     if n_ref == 0:
         raise ValueError("no reference image could be read")
@@ -187,14 +190,17 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
             np.concatenate([labels.array(), np.full(len(g_feats), spec.num_classes)]))
 
     # 3. calibration scores
-    comparator = Comparator(store, measures)
-    scorer = _Scorer(probe, comparator, head, spec, method_pass)
+    scorer = Scorer(Comparator(store, measures), head, spec,
+                    template.method_pass(spec, probe.target_layer))
     cal_scores: list[dict[str, np.ndarray]] = []
     cal_pred, cal_lab = [], []
-    for res, lab, x in say.batches(_probe_batches(probe, spec, cal, batch_size, use_labels=False), len(cal), "calibration"):
-        cal_scores.append(scorer.scores(res, x))
-        cal_pred.append(res.cam_class)
-        cal_lab.append(lab)
+    for cb in say.batches(engine.calibration_batches(spec, cal, batch_size, template, store, head),
+                          len(cal), "calibration"):
+        cal_scores.append(cb.scores)
+        cal_pred.append(cb.predicted)
+        cal_lab.append(cb.labels)
+    if not cal_scores:
+        raise ValueError("no calibration image could be read")
     scores = {k: np.concatenate([s[k] for s in cal_scores]) for k in cal_scores[0]}
     pred, lab = np.concatenate(cal_pred), np.concatenate(cal_lab)
     unreadable += len(cal) - len(pred)
@@ -235,47 +241,6 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                           "early_layer": probe.early_layer, "gradient_method": probe.gradient_method})
     bundle.save(out, overwrite=overwrite, sign_key=key)
     return bundle
-
-
-class _Scorer:
-    """Comparator scores plus the garbage score for one probe result of the batch `x`."""
-
-    def __init__(self, probe: Probe, comparator: Comparator, head: GarbageHead | None,
-                 spec: ModelSpec, method_pass: MethodPass) -> None:
-        self.probe, self.comparator, self.head, self.spec = probe, comparator, head, spec
-        self.method_pass = method_pass
-
-    def scores(self, res: ProbeResult, x: np.ndarray) -> dict[str, np.ndarray]:
-        s = self.comparator.score(res, maps=self.method_pass(x, res.cam_class))
-        s["garbage"] = garbage_score(res.logits, res.features, self.head, self.spec.garbage_class)
-        return s
-
-
-def _probe_batches(probe: Probe, spec: ModelSpec, data: LabelledData, batch_size: int,
-                   use_labels: bool) -> Iterator[tuple[ProbeResult, np.ndarray, np.ndarray]]:
-    """(probe result, labels, preprocessed x) per batch of readable inputs."""
-    from verifier.data import iter_batches
-
-    start = 0
-    for records, x in iter_batches(data.inputs, spec, batch_size=batch_size):
-        ok = np.array([r.error is None for r in records], dtype=bool)
-        lab = data.labels[start:start + len(records)][ok]
-        start += len(records)
-        if len(x) == 0:
-            continue
-        yield probe.run(x, classes=lab if use_labels else None), lab, x
-
-
-def _predicted(res: ProbeResult, spec: ModelSpec) -> np.ndarray:
-    return res.logits[:, : spec.num_classes].argmax(axis=1)
-
-
-def to_raw_pixels(x: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """Undo mean/std: (n, C, H, W) model input -> (n, H, W) or (n, H, W, C) pixels in [0, 1]."""
-    mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
-    std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
-    raw = np.clip(x * std + mean, 0.0, 1.0)
-    return raw[:, 0] if raw.shape[1] == 1 else raw.transpose(0, 2, 3, 1)
 
 
 def from_raw_pixels(raw: np.ndarray, spec: ModelSpec) -> np.ndarray:
@@ -368,5 +333,5 @@ class _Reporter:
 
         with tqdm(total=total, unit="img", desc=desc) as bar:
             for item in it:
-                bar.update(len(item[1]))
+                bar.update(len(item.labels))
                 yield item

@@ -41,14 +41,17 @@ images; gray -> RGB by replication, RGB -> gray by ITU-R BT.601 luma
 from __future__ import annotations
 
 from verifier.data.decode import MAX_FILE_BYTES, decode_image
-from verifier.data.folders import IMAGE_SUFFIXES, DatasetError, labelled_dataset, save_dataset
+from verifier.data.folders import (IMAGE_SUFFIXES, DatasetError, labelled_dataset, manifest_paths,
+                                   save_dataset)
 from verifier.data.pixels import MAX_ASPECT, MAX_PIXELS, InputError, pixels_from_array, safe_name
 from verifier.data.preprocess import preprocess
-from verifier.data.stream import EncodedImage, LoadedImage, count_inputs, iter_batches, load_images
+from verifier.data.stream import (EncodedImage, InputItem, LoadedImage, count_inputs, expand_inputs,
+                                  iter_batches, load_images)
 
 __all__ = [
     "IMAGE_SUFFIXES", "MAX_ASPECT", "MAX_FILE_BYTES", "MAX_PIXELS",
-    "DatasetError", "EncodedImage", "InputError", "LoadedImage",
-    "count_inputs", "decode_image", "iter_batches", "labelled_dataset", "load_images",
-    "pixels_from_array", "preprocess", "safe_name", "save_dataset",
+    "DatasetError", "EncodedImage", "InputError", "InputItem", "LoadedImage",
+    "count_inputs", "decode_image", "expand_inputs", "iter_batches", "labelled_dataset",
+    "load_images", "manifest_paths", "pixels_from_array", "preprocess", "safe_name",
+    "save_dataset",
 ]

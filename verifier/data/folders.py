@@ -44,6 +44,40 @@ def labelled_dataset(source: str | Path, classes: Sequence[str]) -> list[tuple[P
     return _dataset_from_folder(source, classes)
 
 
+def manifest_paths(manifest: str | Path, batch_rows: int = 65536) -> Iterator[Path]:
+    """The image paths a manifest lists, streamed in order: a CSV with a `path` column
+    (header row; other columns such as `label` are ignored) or a Parquet file with a string
+    `path` column, read `batch_rows` rows at a time. Relative paths are relative to the
+    manifest's folder. Raises `DatasetError` for a missing column or an empty path."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise DatasetError(f"manifest not found: {manifest}")
+    if manifest.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(manifest)
+        if "path" not in pf.schema_arrow.names:
+            raise DatasetError(f"{manifest}: a Parquet manifest needs a 'path' column, "
+                               f"got {pf.schema_arrow.names}")
+        row = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=["path"]):
+            for raw in batch.column(0).to_pylist():
+                row += 1
+                yield _manifest_path(manifest, {"path": raw or ""}, row)
+        return
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
+            if "path" not in reader.fieldnames:
+                raise DatasetError(f"{manifest}: a CSV manifest needs a 'path' column in its "
+                                   f"header, got {reader.fieldnames}")
+            for lineno, row_ in enumerate(reader, start=2):
+                yield _manifest_path(manifest, row_, lineno)
+    except UnicodeDecodeError:
+        raise DatasetError(f"{manifest}: not a UTF-8 CSV manifest") from None
+
+
 def save_dataset(images: np.ndarray, labels: Sequence[int] | np.ndarray,
                  classes: Sequence[str], folder: str | Path) -> list[Path]:
     """Write images as `folder/<class>/<i>.png` (i zero-padded, so names sort in order).

@@ -37,6 +37,20 @@ class EncodedImage:
             raise TypeError(f"EncodedImage.data must be bytes, got {type(self.data).__name__}")
 
 
+@dataclass(frozen=True)
+class InputItem:
+    """One input after folder expansion, before decoding: the name records carry (`source`),
+    the file (`path`, None for an entry that is only an error), its label and, for an entry
+    that cannot be used (a dangling link, an empty folder), the reason. `expand_inputs`
+    yields them; `iter_batches` takes them back as inputs, so an engine can list inputs in
+    one process and decode them in another with the same records."""
+
+    source: str
+    path: Path | None
+    label: int | None = None
+    error: str | None = None
+
+
 @dataclass
 class LoadedImage:
     """One input after loading: preprocessed pixels, or the reason it failed.
@@ -66,6 +80,18 @@ def count_inputs(inputs: Sequence[str | Path | np.ndarray] | np.ndarray) -> int:
     if isinstance(inputs, np.ndarray):
         return len(inputs) if inputs.ndim in (3, 4) else 0
     return sum(1 for _ in _expand(inputs, None))
+
+
+def expand_inputs(inputs: Sequence[str | Path | InputItem],
+                  labels: Sequence[int | None] | None = None) -> Iterator[InputItem]:
+    """Files and folders (walked lazily, sorted) as the `InputItem`s `iter_batches` decodes,
+    in the same order, one per record it would yield. In-memory inputs are refused: an item
+    names a file another process can open."""
+    for source, obj, label, error in _expand(inputs, labels):
+        if obj is not None and not isinstance(obj, Path):
+            raise TypeError(f"{source}: expand_inputs lists files; {type(obj).__name__} "
+                            "inputs are decoded where they are")
+        yield InputItem(source, obj, label, error)
 
 
 def load_images(inputs: Sequence[str | Path | np.ndarray] | np.ndarray, spec: ModelSpec, *,
@@ -196,6 +222,9 @@ def _expand(inputs: Any, labels: Sequence[int | None] | None) -> Iterator[_Item]
         raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
     for i, inp in enumerate(inputs):
         label = None if labels is None else labels[i]
+        if isinstance(inp, InputItem):  # listed before (another process): as it was
+            yield inp.source, inp.path, inp.label if labels is None else label, inp.error
+            continue
         if isinstance(inp, np.ndarray):
             yield f"array[{i}]", inp, label, None
             continue

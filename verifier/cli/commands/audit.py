@@ -3,7 +3,9 @@
   verifier audit --bundle bundle/ --spec candidate.toml --data site_images/ --report audit.html
 
 DATA holds labelled images from the deployment site (DIR/<class name>/<images> or a CSV
-`path,label`). Exit code 0 PASS, 1 FAIL, 2 error. Checks and thresholds: docs/audit.md.
+`path,label`). --engine ray probes both models on every image on Ray workers; the checks
+and the verdict are the local ones (docs/engines.md).
+Exit code 0 PASS, 1 FAIL, 2 error. Checks and thresholds: docs/audit.md.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from verifier.cli.engine_args import add_engine_arguments, engine_options
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
@@ -50,14 +54,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "attention and early-map check (default 4)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--verify-key", metavar="KEY", help="key file: refuse the bundle unless it is signed by this key (HMAC secret or Ed25519 public key; docs/bundle.md)")
+    add_engine_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.data:
         return _error("--data is required: a folder DIR/<class name>/<images> or a CSV "
                       "'path,label' of labelled images from the deployment site")
-    from verifier.audit.run import audit
     from verifier.bundle.directory import Bundle
+    from verifier.engines.jobs import audit
     from verifier.reports.audit import write_html
     from verifier.spec import load_spec
 
@@ -69,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from verifier.audit.run import PATTERN_FLOOR, SHIFT_FLOOR, AuditError
 
     try:
-        result = audit(bundle, candidate, args.data, ood=args.ood, roi=args.roi,
+        result = audit(bundle, candidate, args.data, engine_options(args),
+                       staging_beside=args.json or args.report, ood=args.ood, roi=args.roi,
                        quantile=args.quantile, min_measures=args.min_measures,
                        accuracy_margin=args.accuracy_margin, evidence_images=args.evidence_images,
                        grid=args.grid, shift_floor=SHIFT_FLOOR if args.swap_floor is None

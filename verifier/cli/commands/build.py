@@ -14,6 +14,8 @@ method the model's backend cannot compute (e.g. saliency on an ONNX file) is ref
 --out must be a new or empty folder; an existing bundle is replaced only with
 --overwrite, and no other folder is ever deleted. --sign-key signs the bundle so
 gate/audit/drift/serve --verify-key and `verifier verify --key` can check who issued it.
+--engine ray runs the reference and calibration passes on Ray workers (docs/engines.md);
+the bundle is the one --engine local builds.
 Exit code 0 built, 2 error.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from verifier.cli.engine_args import add_engine_arguments, engine_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,14 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sign-key", metavar="KEY", help="sign the bundle: a file of at least 16 random "
                    "bytes (HMAC-SHA256) or a PEM Ed25519 private key (docs/bundle.md)")
     p.add_argument("--json", action="store_true", help="print the build figures as JSON")
+    add_engine_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from verifier.bundle.builder import build_bundle
+    from verifier.engines.jobs import build
     from verifier.spec import load_spec
 
     spec = load_spec(args.spec)
-    bundle = build_bundle(spec, args.data, args.out, calibration=args.calibration,
+    bundle = build(spec, args.data, args.out, engine_options(args), calibration=args.calibration,
                           calibration_fraction=args.calibration_fraction, garbage=args.garbage,
                           alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
                           progress=True, guarantee=args.guarantee, delta=args.delta,
