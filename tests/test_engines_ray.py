@@ -53,7 +53,8 @@ def bundles(site):
     from verifier.spec import load_spec
 
     spec = load_spec(site / "model.toml")
-    kw = dict(calibration=site / "cal", seed=0, batch_size=64)
+    # crm beside Grad-CAM: the workers compute and merge a further method's maps too
+    kw = dict(calibration=site / "cal", seed=0, batch_size=64, methods="gradcam,crm")
     local = jobs.build(spec, site / "ref", site / "bundle_local", EngineOptions(), **kw)
     on_ray = jobs.build(spec, site / "ref", site / "bundle_ray", RAY, **kw)
     return local, on_ray
@@ -72,6 +73,8 @@ def test_build_on_ray_equals_local(bundles, site):
     assert np.array_equal(local.calibration_classes, on_ray.calibration_classes)
     assert local.info["build"] == on_ray.info["build"]
     assert local.info["build"]["reference_images"] == 400
+    assert tuple(on_ray.methods) == ("gradcam", "crm") and any(k.startswith("method.crm") for k in b)
+    assert "crm_iou" in on_ray.score_names
     # the staging folder beside the bundle is gone
     assert not [p for p in site.iterdir() if p.name.startswith(".bundle_ray.")]
 
@@ -139,6 +142,7 @@ def test_audit_on_ray_equals_local(bundles, site):
     on_ray = jobs.audit(bundle, cand, site / "cal", RAY, **kw)
     assert local.to_dict() == on_ray.to_dict()
     assert local.n_images == 200
+    assert on_ray.check("crm_attention_per_image").passed is not None  # computed on the workers
 
 
 def test_local_engine_needs_no_ray(bundles, site, tmp_path):

@@ -31,7 +31,7 @@ from verifier.scoring.attention import MethodPass, check_methods, score_prefix
 from verifier.scoring.measures import compare_maps
 from verifier.spec import ModelSpec
 
-__all__ = ["audit", "AuditEngine", "LocalAudit", "PairBatch", "ProbedPair", "pair_batch",
+__all__ = ["audit", "AuditEngine", "LocalAudit", "PairBatch", "ProbedPair", "pair_batch", "method_passes",
            "join_pairs", "AuditResult", "Check", "AuditEvidence", "SwapEvidence",
            "AuditError", "CHECK_NAMES", "AUDIT_FORMAT_VERSION", "SHIFT_FLOOR", "PATTERN_FLOOR"]
 
@@ -90,10 +90,9 @@ def audit(bundle: Bundle, candidate: ModelSpec, data: Any, *, ood: Any = None, r
     cand_probe = candidate_probe or open_probe(candidate)
     labelled = LabelledData.from_source(data, bundle.classes)
     methods, unrunnable = _runnable_methods(bundle, candidate)
-    passes = (MethodPass(bundle.spec, methods, ref_probe.target_layer),
-              MethodPass(candidate, methods, cand_probe.target_layer))
-    engine = engine if engine is not None else LocalAudit(ref_probe, cand_probe, passes)
-    runs = join_pairs(engine.pair_batches(bundle, candidate, labelled, batch_size), labelled)
+    engine = engine if engine is not None else LocalAudit(ref_probe, cand_probe)
+    runs = join_pairs(engine.pair_batches(bundle, candidate, labelled, batch_size, methods),
+                      labelled)
     for key in methods:  # an engine that did not compute a method's maps: reported as skipped
         if key not in runs.ref.maps or key not in runs.cand.maps:
             unrunnable[key] = f"the audit engine ({type(engine).__name__}) does not compute {key} maps"
@@ -211,10 +210,11 @@ def _runnable_methods(bundle: Bundle, candidate: ModelSpec) -> tuple[tuple[str, 
 
 
 class AuditEngine(Protocol):
-    """Probes both models on every labelled image; one `PairBatch` per batch, input order."""
+    """Probes both models on every labelled image; one `PairBatch` per batch, input order,
+    with the maps of the bundle's further `methods` both backends can compute."""
 
     def pair_batches(self, bundle: Bundle, candidate: ModelSpec, data: LabelledData,
-                     batch_size: int) -> Iterator[PairBatch]: ...
+                     batch_size: int, methods: tuple[str, ...] = ()) -> Iterator[PairBatch]: ...
 
 
 @dataclass
@@ -229,19 +229,28 @@ class PairBatch:
 class LocalAudit:
     """Both models probed in this process."""
 
-    def __init__(self, ref_probe: Probe, cand_probe: Probe,
-                 passes: tuple[MethodPass, MethodPass] | None = None) -> None:
-        self.ref_probe, self.cand_probe, self.passes = ref_probe, cand_probe, passes
+    def __init__(self, ref_probe: Probe, cand_probe: Probe) -> None:
+        self.ref_probe, self.cand_probe = ref_probe, cand_probe
 
     def pair_batches(self, bundle: Bundle, candidate: ModelSpec, data: LabelledData,
-                     batch_size: int) -> Iterator[PairBatch]:
+                     batch_size: int, methods: tuple[str, ...] = ()) -> Iterator[PairBatch]:
+        passes = method_passes(bundle.spec, candidate, methods, self.ref_probe, self.cand_probe)
         start = 0
         for r, c in zip(_batches(data, bundle.spec, batch_size), _batches(data, candidate, batch_size)):
             got = pair_batch(self.ref_probe, self.cand_probe, bundle.store.grid, r, c,
-                             data.labels[start:start + len(r[0])], start, self.passes)
+                             data.labels[start:start + len(r[0])], start, passes)
             start += len(r[0])
             if got is not None:
                 yield got
+
+
+def method_passes(ref_spec: ModelSpec, candidate: ModelSpec, methods: tuple[str, ...],
+                  ref_probe: Probe, cand_probe: Probe) -> tuple[MethodPass, MethodPass] | None:
+    """The further methods' map passes of both models, at each probe's target layer."""
+    if not methods:
+        return None
+    return (MethodPass(ref_spec, methods, ref_probe.target_layer),
+            MethodPass(candidate, methods, cand_probe.target_layer))
 
 
 def pair_batch(ref_probe: Probe, cand_probe: Probe, grid: tuple[int, int],

@@ -247,12 +247,14 @@ class RayBuild:
 # ------------------------------------------------------------------ audit
 class _AuditWorker(_Worker):
     def __init__(self, ref_spec: Any, cand_spec: Any, grid: tuple[int, int], batch_size: int,
-                 **kw: Any) -> None:
+                 methods: tuple[str, ...] = (), **kw: Any) -> None:
         super().__init__(**kw)
+        from verifier.audit.run import method_passes
         from verifier.probe.factory import open_probe
 
         self.specs = (ref_spec, cand_spec)
         self.probes = (open_probe(ref_spec), open_probe(cand_spec))
+        self.passes = method_passes(ref_spec, cand_spec, tuple(methods), *self.probes)
         self.grid, self.batch_size = grid, batch_size
 
     def chunk(self, chunk: int, items: list) -> dict[str, Any]:
@@ -261,12 +263,13 @@ class _AuditWorker(_Worker):
 
         r, c = (next(iter_batches(items, s, batch_size=len(items))) for s in self.specs)
         labels = np.array([it.label for it in items], dtype=np.int64)
-        got = pair_batch(*self.probes, self.grid, r, c, labels, chunk * self.batch_size)
+        got = pair_batch(*self.probes, self.grid, r, c, labels, chunk * self.batch_size, self.passes)
         if got is None:
             return {"records": len(items), "payload": None}
         arrays = {"kept": got.kept}
         for key, run in (("ref", got.ref), ("cand", got.cand)):
             arrays.update({f"{key}.{f}": getattr(run, f) for f in ("logits", "cam", "early", "stats")})
+            arrays.update({f"{key}.map.{m}": v for m, v in run.maps.items()})
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         return {"records": len(items), "payload": buf.getvalue()}
@@ -278,7 +281,8 @@ class RayAudit:
     def __init__(self, ray: Any, options: EngineOptions, staging: Path) -> None:
         self.ray, self.options, self.staging = ray, options, staging
 
-    def pair_batches(self, bundle: Any, candidate: Any, data: Any, batch_size: int) -> Iterator[Any]:
+    def pair_batches(self, bundle: Any, candidate: Any, data: Any, batch_size: int,
+                     methods: tuple[str, ...] = ()) -> Iterator[Any]:
         from verifier.audit.checks import ModelRun
         from verifier.audit.run import PairBatch
         from verifier.engines.chunks import job_items
@@ -289,12 +293,15 @@ class RayAudit:
                              batch_size, self.staging / "audit")
         rows = iter_chunks(self.ray, index, _AuditWorker,
                            {"ref_spec": _portable(bundle.spec), "cand_spec": _portable(candidate),
-                            "grid": tuple(bundle.store.grid), "batch_size": batch_size}, self.options)
+                            "grid": tuple(bundle.store.grid), "batch_size": batch_size,
+                            "methods": tuple(methods)}, self.options)
         for row in rows:
             if row["payload"] is None:
                 continue
             with np.load(io.BytesIO(row["payload"]), allow_pickle=False) as z:
-                runs = [ModelRun(*(z[f"{k}.{f}"] for f in ("logits", "cam", "early", "stats")))
+                runs = [ModelRun(*(z[f"{k}.{f}"] for f in ("logits", "cam", "early", "stats")),
+                                 maps={n[len(k) + 5:]: z[n] for n in z.files
+                                       if n.startswith(f"{k}.map.")})
                         for k in ("ref", "cand")]
                 yield PairBatch(z["kept"], runs[0], runs[1])
 
