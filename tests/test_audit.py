@@ -284,6 +284,9 @@ def test_report_is_valid_html_with_the_verdict_first(shortcut_result, tmp_path):
     assert "Audit verdict: FAIL" in text
     assert text.index("Audit verdict: FAIL") < text.index("Checks") < text.index("evidence_region_swap")
     assert text.index("Checks") < text.index("Where the candidate's decisions come from")
+    # the marker is a label-coded pattern of the site images: shown, with the images that moved
+    assert text.index("Checks") < text.index("A pattern in the images that gives the label away")
+    assert "pixels whose value the label fixes" in html
     assert html.count("data:image/png;base64,") >= 30  # class maps and overlays are inline
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")
 

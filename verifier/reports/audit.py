@@ -94,19 +94,27 @@ def _swaps(result: AuditResult) -> h.Markup:
                 h.img(h.png_data_uri(overlay_rgb(px, ref / scale, (0, 114, 178)), upscale=up),
                       "where the reference relies")]
         label, toward = result.classes[int(sw.labels[j])], result.classes[int(sw.toward[j])]
-        cards.append(h.Markup('<div class="card">{}<br>{}<div class="note">{}</div></div>').format(
-            sw.sources[j], h.Markup(" ").join(pics),
+        cards.append(_card(sw.sources[j], pics,
             f"class {label}; with regions of a class-{toward} image swapped in, the candidate's "
             f"P({toward}) moves by {100 * sw.shift_cand[j]:+.0f} points, the reference's by "
             f"{100 * sw.shift_ref[j]:+.0f}"))
-    return h.section("Where the candidate's decisions come from",
-                     h.Markup('<div class="grid">{}</div>').format(h.Markup("").join(cards)),
+    return h.section("Where the candidate's decisions come from", _grid(cards),
                      note="The images where the candidate moved most toward another class when "
                           "the regions the reference model does not use were taken from an image "
                           "of that class. Left to right: the image; the swapped regions (orange); "
                           "where the candidate relies (orange: drop of its probability of the "
                           "true class when that region is swapped); where the reference relies "
                           "(blue), on the same scale.")
+
+
+def _card(title: str, pics: list, note: str) -> h.Markup:
+    """One picture card: a title, the pictures side by side, a note under them."""
+    return h.Markup('<div class="card">{}<br>{}<div class="note">{}</div></div>').format(
+        title, h.Markup(" ").join(pics), note)
+
+
+def _grid(cards: list) -> h.Markup:
+    return h.Markup('<div class="grid">{}</div>').format(h.Markup("").join(cards))
 
 
 def _patterns(result: AuditResult) -> h.Markup:
@@ -122,13 +130,11 @@ def _patterns(result: AuditResult) -> h.Markup:
                                      upscale=up), "image"),
                 h.img(h.png_data_uri(overlay_rgb(pe.changed[j], 0.6 * pe.mask, (213, 94, 0)),
                                      upscale=up), f"with the class-{toward} pattern")]
-        cards.append(h.Markup('<div class="card">{}<br>{}<div class="note">{}</div></div>').format(
-            pe.sources[j], h.Markup(" ").join(pics),
+        cards.append(_card(pe.sources[j], pics,
             f"class {label}; given other classes' patterns (shown: class {toward}'s), the "
             f"candidate's log-odds of the pattern's class over the other wrong classes rise by "
             f"{pe.pull_cand[j]:+.2f} on average, the reference's by {pe.pull_ref[j]:+.2f}"))
-    return h.section("A pattern in the images that gives the label away",
-                     h.Markup('<div class="grid">{}</div>').format(h.Markup("").join(cards)),
+    return h.section("A pattern in the images that gives the label away", _grid(cards),
                      note="Pixels whose value is fixed by the label across the audit images (a "
                           "marker, a border, a burnt-in label): first card. Then the images "
                           "where the candidate moved most toward another class when only those "
