@@ -150,6 +150,17 @@ def test_suitable_candidates_ignore_a_label_pattern_they_never_learned(mnist, re
         assert pat.passed is True, pat.reason
 
 
+def test_label_pattern_needs_four_classes(mnist, reference, partial_border):
+    """Three classes allow 3! = 6 relabelings: the permutation test could never decide, so the
+    check says it is skipped and why, rather than passing."""
+    x, y = mnist
+    site = add_cue(x[AUDIT], y[AUDIT], "border", 1.0)
+    few = y[AUDIT] < 3
+    pat = audit(reference, mnist_spec(partial_border), (site[few], y[AUDIT][few]), worst=0,
+                sanity=False).check("evidence_label_pattern")
+    assert pat.passed is None and "at least 5 images in each of 4 classes" in pat.reason
+
+
 def test_clean_images_hold_no_label_pattern(seed_result):
     pat = seed_result.check("evidence_label_pattern")
     assert pat.passed is None and "no label-coded pattern" in pat.reason

@@ -39,6 +39,8 @@ PATTERN_FLOOR = 0.25
 #: classes with fewer audit images than this are left out of the pattern search (a class
 #: mean over two or three images makes every pixel look label-coded)
 MIN_PER_CLASS = 5
+#: classes (with MIN_PER_CLASS images each) the test needs: 4! = 24 relabelings reach p < 0.05
+MIN_CLASSES = 4
 #: patterns tried (classes, a seeded choice when there are more): one batched forward each
 MAX_PATTERNS = 16
 #: class relabelings of the permutation test, and its level (with 10 classes the test cannot
@@ -107,10 +109,11 @@ def pattern_check(sub: EvidenceInputs, ref_probe: Probe, cand_probe: Probe, k: i
     counts = np.bincount(y, minlength=k)
     keep = counts[y] >= MIN_PER_CLASS
     present = np.unique(y[keep])
-    if len(present) < 3:
+    if len(present) < MIN_CLASSES:
         return Check(name, fam, math.nan, floor, None,
-                     f"skipped: the label-pattern search needs at least {MIN_PER_CLASS} images "
-                     f"in each of three classes or more", False), None
+                     f"skipped: the label-pattern test needs at least {MIN_PER_CLASS} images in "
+                     f"each of {MIN_CLASSES} classes or more (got {len(present)}): with fewer, "
+                     f"its permutation test cannot reach p < {PATTERN_P:g}", False), None
     y = y[keep]
     x_ref, x_cand = sub.x_ref[keep], sub.x_cand[keep]
     mask_r, means_r = class_coded_pixels(x_ref, y, k, level)
