@@ -163,8 +163,7 @@ def _evidence(sources: list[str], keep: np.ndarray, ref_probe: Probe, cand_probe
     class's pattern (a seeded choice per image), for the report."""
     if worst <= 0:
         return None
-    rng = np.random.default_rng(seed + 1)
-    toward = np.array([rng.choice(rows[rows != c]) for c in y])
+    toward = _other_row(rows, y, np.random.default_rng(seed + 1))
     i = np.arange(len(y))
     pulls = []
     for probe, x, mask, mean in ((ref_probe, x_ref, masks[0], means[0]),
@@ -184,6 +183,14 @@ def _evidence(sources: list[str], keep: np.ndarray, ref_probe: Probe, cand_probe
                            changed=to_pixels(changed, ref_probe), labels=y[top],
                            toward=toward[top], pull_cand=pull_c[top], pull_ref=pull_r[top],
                            sources=[kept_sources[j] for j in top])
+
+
+def _other_row(rows: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(N,) a uniform random entry of the sorted `rows` other than each label, vectorised."""
+    pos = np.searchsorted(rows, labels)
+    own = (pos < len(rows)) & (rows[np.minimum(pos, len(rows) - 1)] == labels)
+    j = np.floor(rng.random(len(labels)) * (len(rows) - own)).astype(np.int64)
+    return rows[j + (own & (j >= pos))]
 
 
 def _log_probs(logits: LogitsFn, x: np.ndarray, k: int) -> np.ndarray:
