@@ -65,14 +65,14 @@ def seg_data(mnist):
 
 @pytest.fixture(scope="session")
 def seg_model(seg_data):
-    """SmallUNet trained on 1,000 digit canvases (6 epochs, a few seconds on the CPU)."""
+    """SmallUNet trained on 1,000 digit canvases (10 epochs, about 15 s on one CPU core)."""
     from verifier.examples.zoo import SmallUNet, train_segmenter
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small trains several times faster on one thread
     try:
         torch.manual_seed(0)
-        return train_segmenter(SmallUNet(), seg_data[0], seg_data[1], epochs=6, seed=0)
+        return train_segmenter(SmallUNet(), seg_data[0], seg_data[1], seed=0)
     finally:
         torch.set_num_threads(threads)
 

@@ -320,9 +320,105 @@ def test_gate_takes_a_segmentation_model(seg_model, seg_data, seg_onnx, mnist, t
     held = np.mean([d.accepted for d in gk.gate(seg_data[2])])
     photos = np.mean([d.accepted for d in gk.gate(ood_images("photos", 64, size=(32, 48)))])
     assert held > 0.8 and photos < 0.2
-    from verifier.probe.base import ProbeError
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torchscript"])
+def test_file_probe_equals_module_probe(seg_model, seg_onnx, xs, kind):
+    """A segmentation model file (ONNX, or TorchScript exported in memory) gives the gate the
+    module's ProbeResult: the same image scores, classes, features and statistics, and the
+    same region Grad-CAM (finite differences on each decoder layer's tail, float32)."""
+    from verifier.probe.factory import open_probe
+    from verifier.probe.onnx_seg_backend import OnnxSegmentationProbe
     from verifier.spec import load_spec
 
-    with pytest.raises(ProbeError, match="segmentation model as an nn.Module"):
-        open_probe(load_spec(seg_onnx / "seg.toml"))
+    if kind == "torchscript":
+        torch.jit.save(torch.jit.trace(seg_model, torch.zeros(1, 1, 32, 48)), seg_onnx / "seg.pt")
+        (seg_onnx / "seg_ts.toml").write_text(SEG_TOML.replace("seg.onnx", "seg.pt"))
+    spec = load_spec(seg_onnx / ("seg.toml" if kind == "onnx" else "seg_ts.toml"))
+    probe = open_probe(spec)
+    assert isinstance(probe, OnnxSegmentationProbe) and len(probe.decoder) == 3
+    assert [n.split("/")[1] for n in probe.decoder] == ["dec3", "dec2", "dec1"]  # as on torch
+    a, b = open_probe(canvas_spec(seg_model)).run(xs), probe.run(xs)
+    assert np.array_equal(a.cam_class, b.cam_class)
+    assert np.allclose(a.logits, b.logits, atol=1e-6)  # log area shares: exact counts
+    for f in ("features", "early_map", "early_stats"):
+        assert np.allclose(getattr(a, f), getattr(b, f), atol=1e-5), f
+    assert len(a.block_stats) == len(b.block_stats)
+    assert all(np.allclose(p, q, atol=1e-5) for p, q in zip(a.block_stats, b.block_stats))
+    peak = np.abs(a.cam).max(axis=(1, 2))
+    err = np.abs(a.cam - b.cam).max(axis=(1, 2)) / peak
+    assert peak.min() > 0 and np.median(err) < 1e-3 and err.max() < 0.03, err
+    one = probe.run(xs[:1], classes=np.array([int(a.cam_class[1])]))  # a chosen class
+    assert one.cam_class[0] == a.cam_class[1]
 
+
+
+def _write_folders(root, images: np.ndarray, masks: np.ndarray) -> None:
+    """DIR/<class name>/<i>.png by each canvas's image-level label (its largest digit)."""
+    from PIL import Image
+
+    names = ["background"] + [str(i) for i in range(10)]
+    for i, (im, c) in enumerate(zip(images, dominant(masks))):
+        (root / names[c]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(root / names[c] / f"{i}.png")
+
+
+def test_cli_builds_gates_and_audits_a_segmentation_file(seg_onnx, seg_data, mnist, tmp_path,
+                                                         capsys):
+    """A CLI user with a segmentation model FILE: `verifier build`, `gate` and `audit` take it
+    (task = "segmentation" in the spec); a retrained seed passes the audit, an untrained U-Net
+    fails it."""
+    import json
+
+    from PIL import Image
+
+    from verifier.cli.main import main
+    from verifier.examples.datasets import digit_canvases, ood_images
+    from verifier.examples.zoo import SmallUNet, train_segmenter
+    from verifier.probe.onnx_backend import export_onnx
+
+    x, y = mnist
+    _write_folders(tmp_path / "ref", seg_data[0][:240], seg_data[1][:240])
+    ci, cm = digit_canvases(x[3000:3600], y[3000:3600], 160, seed=2)  # digits the model never saw
+    _write_folders(tmp_path / "cal", ci, cm)
+    site, site_m = digit_canvases(x[3600:5000], y[3600:5000], 400, seed=3)
+    area = np.sort(np.stack([(site_m == k).sum(axis=(1, 2)) for k in range(1, 11)], 1), 1)
+    clear = np.flatnonzero(area[:, -1] >= 1.5 * area[:, -2])[:100]  # an unambiguous label
+    _write_folders(tmp_path / "site", site[clear], site_m[clear])
+    (tmp_path / "photos").mkdir()
+    for i, im in enumerate(ood_images("photos", 12, size=(32, 48), seed=0)):
+        Image.fromarray(im).save(tmp_path / "photos" / f"p{i}.png")
+    bundle = str(tmp_path / "bundle")
+    assert main(["build", "--spec", str(seg_onnx / "seg.toml"), "--data", str(tmp_path / "ref"),
+                 "--calibration", str(tmp_path / "cal"), "--out", bundle, "--json"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert "/dec1/dec1.2/" in manifest["info"]["target_layer"]  # the decoder layers, named
+    assert 'task = "segmentation"' in (tmp_path / "bundle" / "spec.toml").read_text()
+
+    held = sorted(str(p) for p in (tmp_path / "site").rglob("*.png"))[:24]
+    photos = sorted(str(p) for p in (tmp_path / "photos").glob("*.png"))
+    assert main(["gate", "--bundle", bundle, "--json", *held, *photos]) == 0
+    recs = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.strip()]
+    assert len(recs) == 36 and all(r["error"] is None for r in recs)
+    accepted = {r["input"]: r["decision"] == "accept" for r in recs}
+    assert np.mean([accepted[p] for p in held]) > 0.75
+    assert not any(accepted[p] for p in photos)
+    assert all(r["predicted_class"] != "background" for r in recs if r["input"] in held)
+
+    def candidate(name: str, epochs: int) -> str:
+        torch.manual_seed(1)
+        m = SmallUNet()
+        if epochs:
+            m = train_segmenter(m, seg_data[0], seg_data[1], seed=1)
+        export_onnx(m.eval(), canvas_spec(m), seg_onnx / f"{name}.onnx")
+        (seg_onnx / f"{name}.toml").write_text(SEG_TOML.replace("seg.onnx", f"{name}.onnx"))
+        return str(seg_onnx / f"{name}.toml")
+
+    for name, epochs, verdict, code in (("seed1", 10, "PASS", 0), ("untrained", 0, "FAIL", 1)):
+        report = tmp_path / f"{name}.json"
+        assert main(["audit", "--bundle", bundle, "--spec", candidate(name, epochs), "--data",
+                     str(tmp_path / "site"), "--json", str(report)]) == code, name
+        result = json.loads(report.read_text())
+        assert result["verdict"] == verdict, (name, result["reasons"])
+    capsys.readouterr()

@@ -130,18 +130,13 @@ _LOADED_MAX = 4
 
 def _load(spec: ModelSpec, layer: str, with_tail: bool) -> _Loaded:
     """The sessions for `spec`'s file, cached on the file's identity (path, size, mtime)."""
-    st = spec.path.stat()
-    key = (str(spec.path.resolve()), st.st_size, st.st_mtime_ns, spec.channels, spec.size,
-           layer, with_tail)
+    key = ob.file_key(spec, layer, with_tail)
     if key in _LOADED:
         _LOADED.move_to_end(key)
         return _LOADED[key]
     providers = ob._providers(None)
     try:
-        model = ob._load_model(spec)
-        info = og.analyse(model)
-        if not og.spatial_candidates(info):
-            info = ob._shapes_from_dummy_run(info, spec, providers)
+        model, info = ob.load_analysed(spec, providers)
         target = og.auto_target(info) if layer == "auto" else og.resolve_layer(info, layer,
                                                                                 "target")
     except ProbeError as e:

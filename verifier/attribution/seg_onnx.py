@@ -22,7 +22,7 @@ from verifier.probe import onnx_graph as og
 from verifier.probe.base import ProbeError
 from verifier.spec import ModelSpec, SpecError, check_output_shape
 
-__all__ = ["OnnxSegPass", "decoder_tensors"]
+__all__ = ["OnnxSegPass"]
 
 _SUFFIX = "__kwc_scale"
 _LOADED: OrderedDict[tuple, tuple] = OrderedDict()
@@ -102,58 +102,21 @@ class OnnxSegPass:
         return got
 
 
-def decoder_tensors(info: og.GraphInfo, requested: str = "auto") -> list[str]:
-    """Tensor names of the post-bottleneck layers (as `probe.torch_backend.decoder_layers`):
-    the outputs of Conv / ConvTranspose nodes after the last smallest 4-D tensor, advanced
-    through directly following activations, the scoring head's output excluded."""
-    if requested != "auto":
-        return [og.resolve_layer(info, n.strip(), "decoder") for n in requested.split(",")
-                if n.strip()]
-    order = [o for n in info.nodes for o in n.output
-             if o in info.ancestors and len(info.shape(o) or ()) == 4 and info.is_spatial(o)]
-    if not order:
-        raise ProbeError("the model has no 4-D spatial tensor on the path to its output")
-    area = [info.shape(o)[2] * info.shape(o)[3] for o in order]  # type: ignore[index]
-    neck = order[max(i for i, a in enumerate(area) if a == min(area))]
-    after = set(order[order.index(neck) + 1:])
-    out = []
-    for node in info.nodes:
-        if node.op_type in ("Conv", "ConvTranspose") and node.output[0] in after:
-            name = node.output[0]
-            while True:
-                cons = info.relevant_consumers(name)
-                if (len(cons) != 1 or cons[0].op_type not in og.EARLY_FOLLOWERS
-                        or cons[0].input[0] != name):
-                    break
-                name = cons[0].output[0]
-            if name != info.logits_name:
-                out.append(name)
-    if not out:
-        raise ProbeError(f"no convolution runs after the bottleneck ({neck}); name the decoder "
-                         f"layers in layers.target")
-    return list(dict.fromkeys(out))
-
-
 def _load(spec: ModelSpec, layers: str) -> tuple:
-    assert spec.path is not None
-    st = spec.path.stat()
-    key = (str(spec.path.resolve()), st.st_size, st.st_mtime_ns, spec.channels, spec.size, layers)
+    key = ob.file_key(spec, layers)
     if key in _LOADED:
         _LOADED.move_to_end(key)
         return _LOADED[key]
     providers = ob._providers(None)
     try:
-        model = ob._load_model(spec)
-        info = og.analyse(model)
-        if not og.spatial_candidates(info):
-            info = ob._shapes_from_dummy_run(info, spec, providers)
+        model, info = ob.load_analysed(spec, providers)
         shape = info.shape(info.logits_name)
         if shape is not None:
             try:
                 check_output_shape(spec, tuple(d if d is not None else 1 for d in shape))
             except SpecError as e:
                 raise AttributionError(str(e)) from None
-        names = decoder_tensors(info, layers)
+        names = og.decoder_tensors(info, layers)
         kernels = [int(info.shape(n)[1]) for n in names]  # type: ignore[index]
         session = ob._session(_with_scales(model, names, kernels), providers, "model")
     except ProbeError as e:

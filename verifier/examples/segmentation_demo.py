@@ -89,12 +89,12 @@ def _dominant(masks: np.ndarray) -> np.ndarray:
 
 def _trained_unet(cache: Path, images: np.ndarray, masks: np.ndarray, seed: int,
                   say: Callable[[str], None]) -> Any:
-    """Train SmallUNet (6 epochs, one thread), or load the weights an earlier run cached."""
+    """Train SmallUNet (10 epochs, one-cycle schedule, one thread), or load the weights an earlier run cached."""
     import torch
 
     from verifier.examples.zoo import SmallUNet, train_segmenter
 
-    key = hashlib.sha256(images.tobytes() + masks.tobytes() + f"{seed}-6".encode()).hexdigest()[:16]
+    key = hashlib.sha256(images.tobytes() + masks.tobytes() + f"{seed}-10-onecycle".encode()).hexdigest()[:16]
     path = cache / f"smallunet-{key}.npz"
     torch.manual_seed(seed)
     model = SmallUNet()
@@ -107,7 +107,7 @@ def _trained_unet(cache: Path, images: np.ndarray, masks: np.ndarray, seed: int,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # this small a model trains fastest on one thread
     try:
-        train_segmenter(model, images, masks, epochs=6, seed=seed)
+        train_segmenter(model, images, masks, seed=seed)
     finally:
         torch.set_num_threads(threads)
     cache.mkdir(parents=True, exist_ok=True)

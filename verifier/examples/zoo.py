@@ -84,17 +84,22 @@ class SmallUNet(nn.Module):
         return self.head(d1)
 
 
-def train_segmenter(model: nn.Module, images: np.ndarray, masks: np.ndarray, epochs: int = 6,
+def train_segmenter(model: nn.Module, images: np.ndarray, masks: np.ndarray, epochs: int = 10,
                     seed: int = 0, batch_size: int = 32, lr: float = 1e-2,
                     background_weight: float = 0.2) -> nn.Module:
     """Train a segmenter on uint8 (N, H, W) images and int (N, H, W) per-pixel labels with Adam
-    and per-pixel cross-entropy (class 0, the background, weighted by `background_weight`,
-    since it covers most pixels); deterministic for a seed; returns it in eval mode."""
+    on a one-cycle learning-rate schedule (peak `lr`) and per-pixel cross-entropy (class 0, the
+    background, weighted by `background_weight`, since it covers most pixels); deterministic
+    for a seed; returns it in eval mode. The schedule makes seeds agree: at a constant rate
+    the last step's noise decided the model (image-level accuracy 0.67-0.88 over three seeds
+    at 6 epochs, 0.80-0.87 at 12; with the schedule 0.887-0.897 over four seeds at 10)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x = preprocess_uint8(images)
     y = torch.tensor(np.asarray(masks), dtype=torch.long)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -109,6 +114,7 @@ def train_segmenter(model: nn.Module, images: np.ndarray, masks: np.ndarray, epo
                 weight[0] = background_weight
                 nn.functional.cross_entropy(out, y[idx], weight=weight).backward()
                 opt.step()
+                schedule.step()
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
     return model.eval()

@@ -11,18 +11,16 @@ __all__ = ["open_probe"]
 
 def open_probe(spec: ModelSpec, device: str | None = None) -> Probe:
     """The backend probe for a spec: torch for nn.Modules, onnxruntime for .onnx
-    files, and TorchScript files through an in-memory ONNX export; a segmentation
-    nn.Module gets the SegmentationProbe (image-level scores, region Grad-CAM)."""
+    files, and TorchScript files through an in-memory ONNX export; a segmentation model
+    gets the SegmentationProbe (nn.Module) or OnnxSegmentationProbe (file): image-level
+    scores and the region's Grad-CAM summed over the decoder layers."""
     backend = spec.backend
     if spec.task == "segmentation":
-        if backend != "torch":
-            raise ProbeError(f"the gate, reference store and audit take a segmentation model as "
-                             f"an nn.Module for now (its attention map needs gradients), not a "
-                             f"{backend} file: build the bundle through the Python API "
-                             f"(ModelSpec(module=..., task=\"segmentation\")); `verifier explain` "
-                             f"runs kwc on the file (docs/segmentation.md)")
-        from verifier.probe.seg_backend import SegmentationProbe
-        return SegmentationProbe(spec, device=device)
+        if backend == "torch":
+            from verifier.probe.seg_backend import SegmentationProbe
+            return SegmentationProbe(spec, device=device)
+        from verifier.probe.onnx_seg_backend import OnnxSegmentationProbe
+        return OnnxSegmentationProbe(spec, device=device)
     if backend == "torch":
         from verifier.probe.torch_backend import TorchProbe
         return TorchProbe(spec, device=device)

@@ -17,7 +17,7 @@ from verifier.probe.base import ProbeError, ProbeResult
 from verifier.probe.onnx_precision import to_double
 from verifier.spec import ModelSpec, model_fingerprint
 
-__all__ = ["OnnxProbe", "export_onnx", "GRADIENT_METHODS", "OPSET"]
+__all__ = ["OnnxProbe", "export_onnx", "load_analysed", "file_key", "GRADIENT_METHODS", "OPSET"]
 
 #: values `OnnxProbe(gradient=...)` accepts; "auto" picks exact where the tail allows it
 GRADIENT_METHODS = ("auto", "exact-gap-linear", "finite-difference")
@@ -259,6 +259,25 @@ def _providers(device: str | None) -> list[str]:
     if device not in (None, "cpu"):
         raise ProbeError(f"unknown device {device!r} for the ONNX backend (use 'cpu' or 'cuda')")
     return ["CPUExecutionProvider"]
+
+
+def load_analysed(spec: ModelSpec, providers: list[str]) -> tuple[onnx.ModelProto, og.GraphInfo]:
+    """The spec's model (ONNX, or TorchScript exported in memory) and its graph index, with
+    intermediate shapes filled by one zero batch when shape inference left them unknown."""
+    model = _load_model(spec)
+    info = og.analyse(model)
+    if not og.spatial_candidates(info):
+        info = _shapes_from_dummy_run(info, spec, providers)
+    return model, info
+
+
+def file_key(spec: ModelSpec, *extra: object) -> tuple:
+    """A cache key for what is loaded from the spec's file: its identity (path, size, mtime),
+    the input geometry and `extra` (the layers asked for, ...)."""
+    assert spec.path is not None
+    st = spec.path.stat()
+    return (str(spec.path.resolve()), st.st_size, st.st_mtime_ns, spec.channels, spec.size,
+            *extra)
 
 
 def _load_model(spec: ModelSpec) -> onnx.ModelProto:

@@ -3,7 +3,7 @@
 Reads an `onnx.ModelProto` once (`GraphInfo`), picks the Grad-CAM and early layers,
 adds intermediate tensors as graph outputs and cuts the tail after the target layer.
 """
-# length: 418 lines, one concept: every question asked of one ONNX graph index (GraphInfo);
+# length: 452 lines, one concept: every question asked of one ONNX graph index (GraphInfo);
 # the private walkers (_ancestors, _affine_step, ...) are shared by layer choice and tail cuts.
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from verifier.probe.base import ProbeError
 
 __all__ = ["GraphInfo", "analyse", "auto_target", "auto_early", "resolve_layer",
            "features_tensor", "with_outputs", "extract_tail", "gap_linear_tail",
-           "spatial_candidates"]
+           "spatial_candidates", "decoder_tensors"]
 
 #: elementwise activations the early layer is advanced through (as torch's Conv->BN->act block)
 EARLY_FOLLOWERS = frozenset({
@@ -158,6 +158,38 @@ def conv_blocks(info: GraphInfo) -> list[str]:
             name = cons[0].output[0]
         if info.is_spatial(name) or len(info.shape(name) or ()) == 4:
             out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def decoder_tensors(info: GraphInfo, requested: str = "auto") -> list[str]:
+    """Tensor names of the post-bottleneck layers (as `probe.torch_backend.decoder_layers`):
+    the outputs of Conv / ConvTranspose nodes after the last smallest 4-D tensor, advanced
+    through directly following activations, the scoring head's output excluded."""
+    if requested != "auto":
+        return [resolve_layer(info, n.strip(), "decoder") for n in requested.split(",")
+                if n.strip()]
+    order = [o for n in info.nodes for o in n.output
+             if o in info.ancestors and len(info.shape(o) or ()) == 4 and info.is_spatial(o)]
+    if not order:
+        raise ProbeError("the model has no 4-D spatial tensor on the path to its output")
+    area = [info.shape(o)[2] * info.shape(o)[3] for o in order]  # type: ignore[index]
+    neck = order[max(i for i, a in enumerate(area) if a == min(area))]
+    after = set(order[order.index(neck) + 1:])
+    out = []
+    for node in info.nodes:
+        if node.op_type in ("Conv", "ConvTranspose") and node.output[0] in after:
+            name = node.output[0]
+            while True:
+                cons = info.relevant_consumers(name)
+                if (len(cons) != 1 or cons[0].op_type not in EARLY_FOLLOWERS
+                        or cons[0].input[0] != name):
+                    break
+                name = cons[0].output[0]
+            if name != info.logits_name:
+                out.append(name)
+    if not out:
+        raise ProbeError(f"no convolution runs after the bottleneck ({neck}); name the decoder "
+                         f"layers in layers.target")
     return list(dict.fromkeys(out))
 
 
