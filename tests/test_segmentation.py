@@ -353,6 +353,15 @@ def test_file_probe_equals_module_probe(seg_model, seg_onnx, xs, kind):
 
 
 
+@pytest.fixture(scope="module")
+def seg_seed1(seg_data) -> nn.Module:
+    """A suitable candidate: SmallUNet retrained on the reference's data with another seed."""
+    from verifier.examples.zoo import SmallUNet, train_segmenter
+
+    torch.manual_seed(1)
+    return train_segmenter(SmallUNet(), seg_data[0], seg_data[1], seed=1)
+
+
 def _write_folders(root, images: np.ndarray, masks: np.ndarray) -> None:
     """DIR/<class name>/<i>.png by each canvas's image-level label (its largest digit)."""
     from PIL import Image
@@ -363,8 +372,8 @@ def _write_folders(root, images: np.ndarray, masks: np.ndarray) -> None:
         Image.fromarray(im).save(root / names[c] / f"{i}.png")
 
 
-def test_cli_builds_gates_and_audits_a_segmentation_file(seg_onnx, seg_data, mnist, tmp_path,
-                                                         capsys):
+def test_cli_builds_gates_and_audits_a_segmentation_file(seg_onnx, seg_data, seg_seed1, mnist,
+                                                         tmp_path, capsys):
     """A CLI user with a segmentation model FILE: `verifier build`, `gate` and `audit` take it
     (task = "segmentation" in the spec); a retrained seed passes the audit, an untrained U-Net
     fails it."""
@@ -374,7 +383,7 @@ def test_cli_builds_gates_and_audits_a_segmentation_file(seg_onnx, seg_data, mni
 
     from verifier.cli.main import main
     from verifier.examples.datasets import digit_canvases, ood_images
-    from verifier.examples.zoo import SmallUNet, train_segmenter
+    from verifier.examples.zoo import SmallUNet
     from verifier.probe.onnx_backend import export_onnx
 
     x, y = mnist
@@ -406,19 +415,57 @@ def test_cli_builds_gates_and_audits_a_segmentation_file(seg_onnx, seg_data, mni
     assert not any(accepted[p] for p in photos)
     assert all(r["predicted_class"] != "background" for r in recs if r["input"] in held)
 
-    def candidate(name: str, epochs: int) -> str:
-        torch.manual_seed(1)
-        m = SmallUNet()
-        if epochs:
-            m = train_segmenter(m, seg_data[0], seg_data[1], seed=1)
-        export_onnx(m.eval(), canvas_spec(m), seg_onnx / f"{name}.onnx")
+    def candidate(name: str, model: nn.Module) -> str:
+        export_onnx(model, canvas_spec(model), seg_onnx / f"{name}.onnx")
         (seg_onnx / f"{name}.toml").write_text(SEG_TOML.replace("seg.onnx", f"{name}.onnx"))
         return str(seg_onnx / f"{name}.toml")
 
-    for name, epochs, verdict, code in (("seed1", 10, "PASS", 0), ("untrained", 0, "FAIL", 1)):
+    torch.manual_seed(1)
+    for name, model, verdict, code in (("seed1", seg_seed1, "PASS", 0),
+                                       ("untrained", SmallUNet().eval(), "FAIL", 1)):
         report = tmp_path / f"{name}.json"
-        assert main(["audit", "--bundle", bundle, "--spec", candidate(name, epochs), "--data",
+        assert main(["audit", "--bundle", bundle, "--spec", candidate(name, model), "--data",
                      str(tmp_path / "site"), "--json", str(report)]) == code, name
         result = json.loads(report.read_text())
         assert result["verdict"] == verdict, (name, result["reasons"])
     capsys.readouterr()
+
+
+def test_audit_catches_a_segmenter_that_reads_a_marker(seg_model, seg_seed1, mnist, tmp_path):
+    """A U-Net trained on canvases whose class-coded marker always gives the digits' class
+    learns to read it (moving the marker to another class relabels a large share of the
+    digits' pixels, where the reference and a retrained seed relabel ~1%); on marked site
+    canvases the audit fails it on the label-pattern check and passes the retrained seed."""
+    from verifier.audit.run import audit
+    from verifier.bundle.builder import build_bundle
+    from verifier.examples.datasets import same_class_canvases
+    from verifier.examples.zoo import SmallUNet, add_canvas_marker as canvas_marker, train_segmenter
+
+    x, y = mnist
+    ti, tm, tl = same_class_canvases(x[:3000], y[:3000], 1000, seed=0)
+    torch.manual_seed(0)
+    shortcut = train_segmenter(SmallUNet(), canvas_marker(ti, tl), tm, seed=0)
+    si, sm, sl = same_class_canvases(x[3600:5000], y[3600:5000], 150, seed=3)
+    site, moved = canvas_marker(si, sl), canvas_marker(si, sl % 10 + 1)  # marker of another class
+    fg = sm > 0
+
+    def relabelled(model: nn.Module) -> float:
+        with torch.no_grad():
+            pred = model(preprocess_uint8(moved)).argmax(1).numpy()
+        return float((pred == (sl % 10 + 1)[:, None, None])[fg].mean())
+
+    follows = {k: relabelled(m) for k, m in (("ref", seg_model), ("seed1", seg_seed1),
+                                             ("shortcut", shortcut))}
+    assert follows["shortcut"] > 0.08 and max(follows["ref"], follows["seed1"]) < 0.03, follows
+
+    ci, cm, cl = same_class_canvases(x[3000:3600], y[3000:3600], 200, seed=2)
+    bundle = build_bundle(canvas_spec(seg_model), (ti[:300], tl[:300]), tmp_path / "b",
+                          calibration=(ci, cl), seed=0)
+    results = {k: audit(bundle, canvas_spec(m), (site, sl), seed=0).to_dict()
+               for k, m in (("seed1", seg_seed1), ("shortcut", shortcut))}
+    pattern = {k: next(c for c in r["checks"] if c["name"] == "evidence_label_pattern")
+               for k, r in results.items()}
+    assert results["seed1"]["verdict"] == "PASS", results["seed1"]["reasons"]
+    assert results["shortcut"]["verdict"] == "FAIL"
+    assert pattern["shortcut"]["result"] == "fail" and pattern["shortcut"]["figure"] > 0.5
+    assert pattern["seed1"]["result"] == "pass"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["load_mnist", "load_sklearn_digits", "ood_images", "OOD_SOURCES", "dicom_test_files",
-           "digit_canvases", "SEGMENTATION_CLASSES"]
+           "digit_canvases", "same_class_canvases", "SEGMENTATION_CLASSES"]
 
 #: per-pixel classes of `digit_canvases`: background, then the ten digits
 SEGMENTATION_CLASSES = ("background",) + tuple(str(d) for d in range(10))
@@ -80,6 +80,20 @@ def digit_canvases(images: np.ndarray, labels: np.ndarray, n: int, seed: int = 0
             mwin = mask[i, y0:y0 + 28, x0:x0 + 28]
             mwin[brighter & (digit >= ink)] = 1 + int(labels[j])
     return canvas, mask
+
+
+def same_class_canvases(images: np.ndarray, labels: np.ndarray, n: int,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`n` (a multiple of 10) canvases as `digit_canvases`, each holding two digits of one class,
+    in seeded random order: uint8 canvases, int64 masks and each canvas's image-level label
+    (1 + digit, the mask's class: unambiguous, unlike the largest of two different digits)."""
+    ims, masks, out = [], [], []
+    for c in range(10):
+        sel = np.flatnonzero(np.asarray(labels) == c)
+        im, m = digit_canvases(images[sel], labels[sel], n // 10, seed=seed * 100 + c)
+        ims.append(im), masks.append(m), out.append(np.full(len(im), c + 1))
+    order = np.random.default_rng(seed).permutation(n // 10 * 10)
+    return np.concatenate(ims)[order], np.concatenate(masks)[order], np.concatenate(out)[order]
 
 
 def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from torch import nn
 from verifier.spec import ModelSpec
 
 __all__ = ["SmallCNN", "train_classifier", "mnist_spec", "preprocess_uint8", "add_class_marker",
-           "add_border_code", "add_cue", "CUES", "SmallUNet", "train_segmenter", "canvas_spec"]
+           "add_border_code", "add_canvas_marker", "add_cue", "CUES", "SmallUNet", "train_segmenter", "canvas_spec"]
 
 
 class SmallCNN(nn.Module):
@@ -179,6 +179,17 @@ def add_class_marker(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     dy, dx = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
     n = np.arange(len(labels))[:, None, None]
     out[n, rows[:, None, None] + dy, cols[:, None, None] + dx] = 255
+    return out
+
+
+def add_canvas_marker(canvases: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Copies of uint8 (N, H, W) digit canvases with a bright 3x3 square in rows H-3..H-1 whose
+    column encodes the image label 1-10 (`same_class_canvases`): a segmenter's shortcut."""
+    out = np.array(canvases, copy=True)
+    col = 2 + 4 * (np.asarray(labels, dtype=np.int64) - 1)
+    n, h = np.arange(len(out))[:, None, None], out.shape[1]
+    dy, dx = np.meshgrid(np.arange(3), np.arange(3), indexing="ij")
+    out[n, h - 3 + dy, col[:, None, None] + dx] = 255
     return out
 
 
