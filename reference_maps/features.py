@@ -77,6 +77,41 @@ class FeatureReference:
         d2[:, self.moments[depth].count_ == 0] = np.inf  # an empty class is never the nearest
         return np.maximum(d2.min(axis=1), 0.0)
 
+    def relative_mahalanobis(self, depth: int, x: np.ndarray) -> np.ndarray:
+        """(N,) float64 relative Mahalanobis distance (Ren et al. 2021, "A simple fix to
+        Mahalanobis distance for improving near-OOD detection"): `mahalanobis(depth, x)` minus
+        the squared Mahalanobis distance to one Gaussian of all reference rows (their mean and
+        OAS-shrunk total covariance, derived exactly from the per-class moments). Higher =
+        worse; may be negative. The background term removes what every class shares (stroke
+        mass, contrast), leaving the class-discriminative part."""
+        mean, whiten = self._background(depth)
+        z = (np.asarray(x, dtype=np.float64) - mean) @ whiten
+        return self.mahalanobis(depth, x) - (z * z).sum(axis=1)
+
+    def null_moments(self, depth: int) -> tuple[float, float]:
+        """(mean, sd) of the squared tied-covariance Mahalanobis distance of an in-distribution
+        row to its own class mean, under the Gaussian model: tr(A) and sqrt(2 tr(A^2)), A the
+        shrunk precision times the within-class covariance. Puts the depths' distances on one
+        scale (`multilayer_mahalanobis`) from the moments alone, no second pass."""
+        m = self.moments[depth]
+        total = int(m.count_.sum())
+        _, whiten = self._whitened(depth)
+        a = whiten.T @ (m.m2_.sum(axis=0) / total) @ whiten  # similar to P Sigma_w: same traces
+        return float(np.trace(a)), float(np.sqrt(2.0 * np.sum(a * a)))
+
+    def multilayer_mahalanobis(self, blocks: Sequence[np.ndarray]) -> np.ndarray:
+        """(N,) float64 sum over the conv blocks (every depth but the penultimate) of the
+        standardised `mahalanobis` distance, (d - mean) / sd with `null_moments`: the summed
+        z-scores of a multi-layer Mahalanobis detector (Lee et al. 2018 without input
+        preprocessing or a learned weighting). Higher = worse."""
+        if len(blocks) != len(self.dims) - 1:
+            raise ValueError(f"expected {len(self.dims) - 1} block arrays, got {len(blocks)}")
+        out = np.zeros(len(blocks[0]) if blocks else 0, dtype=np.float64)
+        for i, b in enumerate(blocks):
+            mu, sd = self.null_moments(i)
+            out += (self.mahalanobis(i, b) - mu) / (sd if sd > 0 else 1.0)
+        return out
+
     def knn_distance(self, features: np.ndarray, k: int = KNN_K) -> np.ndarray:
         """(N,) float64 distance of each L2-normalised row to its k-th nearest bank row
         (Sun et al. 2022; higher = worse). One matrix product: |a - b|^2 = 2 - 2 a.b."""
@@ -128,6 +163,24 @@ class FeatureReference:
         rows = np.concatenate([self.bank, rows.astype(np.float32)])
         order = np.lexsort((np.arange(len(keys)), keys))[: self.bank_size]  # by key; stable
         self.bank_keys, self.bank = keys[order], rows[order]
+
+    def _background(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean (C,), whitening matrix (C, C)) of one Gaussian of all rows at a depth: the
+        pooled mean and the OAS-shrunk total covariance (within + between classes)."""
+        key = -1 - depth
+        if key not in self._cache:
+            m = self.moments[depth]
+            n = m.count_.astype(np.float64)
+            total = n.sum()
+            if total == 0:
+                raise ValueError("the feature reference has no data yet")
+            mean = (n[:, None] * m.mean_).sum(axis=0) / total
+            dev = m.mean_ - mean
+            scatter = m.m2_.sum(axis=0) + (n[:, None, None] * dev[:, :, None] * dev[:, None, :]).sum(axis=0)
+            cov, _ = oas_shrink((scatter / total)[None], int(total))
+            evals, evecs = np.linalg.eigh(cov[0])
+            self._cache[key] = (mean, evecs / np.sqrt(np.maximum(evals, evals.max() * 1e-12))[None])
+        return self._cache[key]
 
     def _whitened(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """(class means whitened (K, C), whitening matrix (C, C)) of the tied covariance."""

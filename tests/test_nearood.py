@@ -223,6 +223,60 @@ def test_feature_reference_against_sklearn_and_exact_merge(mnist):
     np.testing.assert_allclose(whole.knn_distance(q), nn.kneighbors(qn)[0][:, -1], rtol=1e-4)
 
 
+def test_relative_and_multilayer_mahalanobis_against_references(mnist):
+    """`relative_mahalanobis` = the tied distance minus the distance under sklearn's OAS on all
+    rows uncentred (Ren et al. 2021); `null_moments`' mean is exactly the in-sample mean own-class
+    distance, tr(P Sigma_w); `multilayer_mahalanobis` sums the standardised block distances."""
+    from sklearn.covariance import OAS
+
+    x, y = mnist
+    feats = _pixel_features(x[:1500])
+    ref = FeatureReference(10, [16, 49], bank_size=500, seed=3).update(y[:1500], feats)
+    q = _pixel_features(x[3000:3100])
+    g = OAS().fit(feats[1])
+    d0 = np.einsum("nc,cd,nd->n", q[1] - g.location_, g.precision_, q[1] - g.location_)
+    np.testing.assert_allclose(ref.relative_mahalanobis(1, q[1]), ref.mahalanobis(1, q[1]) - d0,
+                               rtol=1e-6, atol=1e-6)
+    means = np.stack([feats[0][y[:1500] == k].mean(0) for k in range(10)])
+    centred = feats[0] - means[y[:1500]]
+    prec = OAS(assume_centered=True).fit(centred).precision_
+    own = np.einsum("nc,cd,nd->n", centred, prec, centred)
+    mu, sd = ref.null_moments(0)
+    assert mu == pytest.approx(own.mean(), rel=1e-8)
+    assert 0 < sd < 2 * mu
+    np.testing.assert_allclose(ref.multilayer_mahalanobis([q[0]]), (ref.mahalanobis(0, q[0]) - mu) / sd)
+    with pytest.raises(ValueError, match="block arrays"):
+        ref.multilayer_mahalanobis([q[0], q[1]])
+
+
+def test_bundle_without_the_newer_scores_scores_its_own(heldout_setup):
+    """A bundle built before `DEPTH_EXTRA` calibrates no such score: the gate reports exactly
+    the bundle's own scores and decides as before (here: the same bundle with those scores
+    removed from its calibration and combination)."""
+    import copy
+
+    from calibration.conformal import ConformalCalibrator
+    from verifier.examples.zoo import preprocess_uint8
+    from verifier.runtime.gatekeeper import Gatekeeper
+    from verifier.scoring.comparator import DEPTH_EXTRA
+
+    gate, _, held_out = heldout_setup
+    b = copy.copy(gate.bundle)
+    keep = [n for n in b.score_names if n not in DEPTH_EXTRA]
+    assert len(keep) == len(b.score_names) - len(DEPTH_EXTRA)
+    b.calibration_scores = {n: b.calibration_scores[n] for n in keep}
+    b.calibrator = ConformalCalibrator({n: b.higher_is_worse[n] for n in keep}).fit(
+        b.calibration_scores, b.calibration_classes, len(b.classes))
+    cols = [j for j, n in enumerate(b.combiner.names_) if n not in DEPTH_EXTRA]
+    old = InDistributionConformal().fit(np.sort(b.combiner.ref_[:, cols] * b.combiner.sign_[cols], axis=0),
+                                        b.combiner.sign_[cols] > 0, [b.combiner.names_[j] for j in cols])
+    b.combiner = old.calibrate(np.column_stack([b.calibration_scores[n] for n in old.names_]),
+                               b.calibration_classes, len(b.classes))
+    batch = Gatekeeper(b, probe=gate.probe).score_batch(preprocess_uint8(held_out[:64]).numpy())
+    assert tuple(batch.scores) == tuple(keep) and tuple(batch.p_values) == tuple(keep)
+    assert np.isfinite(batch.p_value).all()
+
+
 def test_store_round_trip_keeps_depth_features(mnist, tmp_path):
     x, y = mnist
     feats = _pixel_features(x[:300])
