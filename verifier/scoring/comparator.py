@@ -30,6 +30,10 @@ FAMILIES: tuple[str, ...] = ("garbage", "attention", "early_features", "features
 #: built before them has none: the gate keeps to the bundle's own score names)
 DEPTH_EXTRA: tuple[str, ...] = ("penultimate_relative_mahalanobis", "feat_multilayer_mahalanobis")
 
+#: scores of the joint Gaussian of all conv blocks' channel means (issue 12, third round), where
+#: the store keeps one (`FeatureReference.joint_moments`): a store without it scores none
+JOINT_SCORES: tuple[str, ...] = ("feat_joint_mahalanobis", "feat_joint_relative_mahalanobis")
+
 #: the seven built-in measures, in report order: what a bundle without a `measures` list used
 ATTENTION_MEASURES: tuple[str, ...] = ("iou", "dice", "ssim", "cosine", "pearson", "kl", "wasserstein")
 
@@ -61,7 +65,8 @@ class Comparator:
         if feats is None:  # a store built before depth features: the original scores only
             return base
         blocks = tuple(f"feat_conv{i + 1}_mahalanobis" for i in range(len(feats.dims) - 1))
-        return (*base, *blocks, "penultimate_mahalanobis", *DEPTH_EXTRA, "knn", "msp", "energy")
+        joint = JOINT_SCORES if feats.joint_depth is not None else ()
+        return (*base, *blocks, "penultimate_mahalanobis", *DEPTH_EXTRA, *joint, "knn", "msp", "energy")
 
     def canonical(self, result: ProbeResult) -> tuple[np.ndarray, np.ndarray]:
         """(cam, early_map) of a result on the store's grid, canonical form, (N, G, G) each."""
@@ -96,7 +101,9 @@ def depth_scores(store: ReferenceStore, result: ProbeResult) -> dict[str, np.nda
     to the nearest class mean, tied OAS-shrunk covariance, Lee et al. 2018),
     `penultimate_relative_mahalanobis` (the same minus the distance to one Gaussian of all
     reference features, Ren et al. 2021), `feat_multilayer_mahalanobis` (the conv blocks'
-    distances standardised by their in-distribution moments and summed), `knn` (distance
+    distances standardised by their in-distribution moments and summed),
+    `feat_joint_mahalanobis` and `feat_joint_relative_mahalanobis` (the same two distances on
+    the conv blocks' channel means concatenated, where the store keeps that Gaussian), `knn` (distance
     of the L2-normalised penultimate features to their 50th nearest reference, Sun et al.
     2022), `msp` (maximum softmax probability, Hendrycks & Gimpel 2017) and `energy`
     (-logsumexp of the logits, Liu et al. 2020), over the store's K real classes."""
@@ -111,6 +118,10 @@ def depth_scores(store: ReferenceStore, result: ProbeResult) -> dict[str, np.nda
     out["penultimate_mahalanobis"] = feats.mahalanobis(n_blocks, result.features)
     out["penultimate_relative_mahalanobis"] = feats.relative_mahalanobis(n_blocks, result.features)
     out["feat_multilayer_mahalanobis"] = feats.multilayer_mahalanobis(result.block_stats)
+    if feats.joint_depth is not None:
+        joint = np.hstack([np.asarray(b, dtype=np.float64) for b in result.block_stats])
+        out["feat_joint_mahalanobis"] = feats.mahalanobis(feats.joint_depth, joint)
+        out["feat_joint_relative_mahalanobis"] = feats.relative_mahalanobis(feats.joint_depth, joint)
     out["knn"] = feats.knn_distance(result.features)
     logits = np.asarray(result.logits[:, : len(store.classes)], dtype=np.float64)
     out["msp"] = softmax(logits, axis=1).max(axis=1)
