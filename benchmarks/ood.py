@@ -32,7 +32,7 @@ from verifier.bundle.directory import Bundle
 from verifier.examples.datasets import OOD_SOURCES, load_mnist, load_sklearn_digits, ood_images
 from verifier.examples.zoo import SmallCNN, mnist_spec, preprocess_uint8, train_classifier
 from verifier.runtime.gatekeeper import Gatekeeper
-from verifier.scoring.comparator import DEPTH_EXTRA, higher_is_worse, score_family
+from verifier.scoring.comparator import DEPTH_EXTRA, JOINT_SCORES, higher_is_worse, score_family
 
 ALPHA = 0.05
 IN_CLASSES = 6
@@ -216,7 +216,9 @@ def _combinations(runs, gate: Gatekeeper, names) -> dict[str, dict[str, np.ndarr
                "feat": [j for j, f in enumerate(fams) if f in COMBINED_FAMILIES],
                "feat_early": [j for j, f in enumerate(fams) if f in (*COMBINED_FAMILIES, "early_features")]}
     # the gate before the relative and multi-layer scores (issue 12, first round)
-    subsets["feat_prev"] = [j for j in subsets["feat"] if names[j] not in DEPTH_EXTRA]
+    subsets["feat_prev"] = [j for j in subsets["feat"] if names[j] not in (*DEPTH_EXTRA, *JOINT_SCORES)]
+    # the gate before the joint block Gaussian (issue 12, second round)
+    subsets["feat_nojoint"] = [j for j in subsets["feat"] if names[j] not in JOINT_SCORES]
     for sub, cols in subsets.items():
         for method in COMBINE_METHODS:
             c = InDistributionConformal(method).fit(cal[fit][:, cols], [dirs[j] for j in cols])
