@@ -4,7 +4,8 @@ A SmallCNN is trained on MNIST digits 0-5 (held-out-class protocol: digits 6-9 a
 OOD); a bundle is built; every detector is fitted on the same reference images,
 thresholded on the same calibration split and tested on the same sets. Peers follow
 their published formulas: MSP (Hendrycks & Gimpel 2017), energy (Liu et al. 2020),
-Mahalanobis on penultimate features with a tied covariance (Lee et al. 2018), ViM
+Mahalanobis on penultimate features with a tied covariance (Lee et al. 2018), relative
+Mahalanobis (Ren et al. 2021: minus the distance to one Gaussian of all features), ViM
 (Wang et al. 2022), KNN k=50 on L2-normalised features (Sun et al. 2022), multi-layer
 Mahalanobis over the channel means of every conv block (summed z-scores), and the
 gate's previous fused score (logistic regression vs garbage). Prints a table and
@@ -31,7 +32,7 @@ from verifier.bundle.directory import Bundle
 from verifier.examples.datasets import OOD_SOURCES, load_mnist, load_sklearn_digits, ood_images
 from verifier.examples.zoo import SmallCNN, mnist_spec, preprocess_uint8, train_classifier
 from verifier.runtime.gatekeeper import Gatekeeper
-from verifier.scoring.comparator import higher_is_worse, score_family
+from verifier.scoring.comparator import DEPTH_EXTRA, JOINT_SCORES, higher_is_worse, score_family
 
 ALPHA = 0.05
 IN_CLASSES = 6
@@ -154,6 +155,7 @@ class _Peers:
         from sklearn.neighbors import NearestNeighbors
 
         self.maha = _TiedGaussian(ref["features"], labels)
+        self.background = _TiedGaussian(ref["features"], np.zeros(len(labels), dtype=np.int64))
         self.layers = [_TiedGaussian(b, labels) for b in ref["blocks"]]
         d = np.stack([g.distance(b) for g, b in zip(self.layers, ref["blocks"])], axis=1)
         self.layer_mu, self.layer_sd = d.mean(0), d.std(0)
@@ -177,6 +179,7 @@ class _Peers:
         return {"msp": -softmax(logits, axis=1).max(1),
                 "energy": -logsumexp(logits, axis=1),
                 "mahalanobis": self.maha.distance(r["features"]),
+                "relative_maha": self.maha.distance(r["features"]) - self.background.distance(r["features"]),
                 "vim": vlogit - logsumexp(logits, axis=1),
                 "knn": self.knn.kneighbors(_l2(r["features"]))[0][:, -1],
                 "multi_layer_maha": ((layer - self.layer_mu) / self.layer_sd).sum(1)}
@@ -212,11 +215,21 @@ def _combinations(runs, gate: Gatekeeper, names) -> dict[str, dict[str, np.ndarr
     subsets = {"all": list(range(len(names))),
                "feat": [j for j, f in enumerate(fams) if f in COMBINED_FAMILIES],
                "feat_early": [j for j, f in enumerate(fams) if f in (*COMBINED_FAMILIES, "early_features")]}
+    # the gate before the relative and multi-layer scores (issue 12, first round)
+    subsets["feat_prev"] = [j for j in subsets["feat"] if names[j] not in (*DEPTH_EXTRA, *JOINT_SCORES)]
+    # the gate before the joint block Gaussian (issue 12, second round)
+    subsets["feat_nojoint"] = [j for j in subsets["feat"] if names[j] not in JOINT_SCORES]
     for sub, cols in subsets.items():
         for method in COMBINE_METHODS:
             c = InDistributionConformal(method).fit(cal[fit][:, cols], [dirs[j] for j in cols])
             for k, r in runs.items():
                 out[k][f"{method}_{sub}"] = c.score(r["matrix"][:, cols])
+    # a larger fit split (half of the calibration images; the conformal split shrinks)
+    half = rng.permutation(len(cal))[: len(cal) // 2]
+    cols = subsets["feat"]
+    c = InDistributionConformal("fisher").fit(cal[half][:, cols], [dirs[j] for j in cols])
+    for k, r in runs.items():
+        out[k]["fisher_feat_fit_half"] = c.score(r["matrix"][:, cols])
     return out
 
 

@@ -11,10 +11,13 @@ import numpy as np
 
 from .stats import GroupedMoments, oas_shrink
 
-__all__ = ["FeatureReference", "DEFAULT_BANK_SIZE", "KNN_K"]
+__all__ = ["FeatureReference", "DEFAULT_BANK_SIZE", "KNN_K", "JOINT_MAX_DIM"]
 
 DEFAULT_BANK_SIZE = 4096
 KNN_K = 50
+#: the joint (all conv blocks concatenated) Gaussian is kept when the blocks have at most this
+#: many channels in all: its per-class moments are (K, C, C) float64
+JOINT_MAX_DIM = 1024
 
 
 class FeatureReference:
@@ -26,16 +29,25 @@ class FeatureReference:
     A bottom-B sample by key is a uniform sample of the distinct rows, independent of the
     order rows arrive in, and the bottom-B of a union is the bottom-B of the parts' samples:
     merging is exact.
+
+    `joint` (default: with two or more conv blocks of at most `JOINT_MAX_DIM` channels in all):
+    also keep per-class moments of the blocks' channel means concatenated (`joint_moments`,
+    depth index `joint_depth`), so one tied Gaussian sees the correlations *between* depths
+    that the per-depth distances and their sum ignore. A reference loaded without them has none.
     """
 
     def __init__(self, num_classes: int, dims: Sequence[int], bank_size: int = DEFAULT_BANK_SIZE,
-                 seed: int = 0) -> None:
+                 seed: int = 0, joint: bool | None = None) -> None:
         if len(dims) < 1:
             raise ValueError("need at least the penultimate features")
         self.num_classes = int(num_classes)
         self.dims = [int(d) for d in dims]
         self.bank_size, self.seed = int(bank_size), int(seed)
         self.moments = [GroupedMoments(self.num_classes, d, full=True) for d in self.dims]
+        width = sum(self.dims[:-1])
+        if joint is None:
+            joint = len(self.dims) >= 3 and width <= JOINT_MAX_DIM
+        self.joint_moments = GroupedMoments(self.num_classes, width, full=True) if joint else None
         self.bank_keys = np.zeros(0, dtype=np.uint64)
         self.bank = np.zeros((0, self.dims[-1]), dtype=np.float32)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -49,6 +61,8 @@ class FeatureReference:
             if x.shape != (len(labels), m.dim) or not np.isfinite(x).all():
                 raise ValueError(f"features must be finite (N={len(labels)}, {m.dim}), got {x.shape}")
             m.update(labels, x)
+        if self.joint_moments is not None:
+            self.joint_moments.update(labels, np.hstack([np.asarray(d, dtype=np.float64) for d in depths[:-1]]))
         feats = _normalise(depths[-1])
         from calibration.conformal import hash_rows  # framework-free sibling
 
@@ -58,24 +72,67 @@ class FeatureReference:
 
     def merge(self, other: FeatureReference) -> FeatureReference:
         """Fold in another reference built the same way; exact."""
-        if (other.dims, other.num_classes, other.bank_size, other.seed) != \
-                (self.dims, self.num_classes, self.bank_size, self.seed):
+        if (other.dims, other.num_classes, other.bank_size, other.seed, other.joint_moments is None) != \
+                (self.dims, self.num_classes, self.bank_size, self.seed, self.joint_moments is None):
             raise ValueError("cannot merge feature references of different shapes or seeds")
         for a, b in zip(self.moments, other.moments):
             a.merge(b)
+        if self.joint_moments is not None:
+            self.joint_moments.merge(other.joint_moments)
         self._offer(other.bank_keys, other.bank)
         self._cache.clear()
         return self
 
     # ------------------------------------------------------------------ scores
+    @property
+    def joint_depth(self) -> int | None:
+        """The depth index of the joint Gaussian (`mahalanobis(joint_depth, np.hstack(blocks))`),
+        None without one."""
+        return None if self.joint_moments is None else len(self.dims)
+
     def mahalanobis(self, depth: int, x: np.ndarray) -> np.ndarray:
         """(N,) float64 min over classes of the squared Mahalanobis distance of (N, C_d) rows,
         tied covariance (Lee et al. 2018's confidence score, negated: higher = worse)."""
         mean_w, whiten = self._whitened(depth)
         z = np.asarray(x, dtype=np.float64) @ whiten
         d2 = (z * z).sum(1)[:, None] - 2 * z @ mean_w.T + (mean_w * mean_w).sum(1)[None]
-        d2[:, self.moments[depth].count_ == 0] = np.inf  # an empty class is never the nearest
+        d2[:, self._moments(depth).count_ == 0] = np.inf  # an empty class is never the nearest
         return np.maximum(d2.min(axis=1), 0.0)
+
+    def relative_mahalanobis(self, depth: int, x: np.ndarray) -> np.ndarray:
+        """(N,) float64 relative Mahalanobis distance (Ren et al. 2021, "A simple fix to
+        Mahalanobis distance for improving near-OOD detection"): `mahalanobis(depth, x)` minus
+        the squared Mahalanobis distance to one Gaussian of all reference rows (their mean and
+        OAS-shrunk total covariance, derived exactly from the per-class moments). Higher =
+        worse; may be negative. The background term removes what every class shares (stroke
+        mass, contrast), leaving the class-discriminative part."""
+        mean, whiten = self._background(depth)
+        z = (np.asarray(x, dtype=np.float64) - mean) @ whiten
+        return self.mahalanobis(depth, x) - (z * z).sum(axis=1)
+
+    def null_moments(self, depth: int) -> tuple[float, float]:
+        """(mean, sd) of the squared tied-covariance Mahalanobis distance of an in-distribution
+        row to its own class mean, under the Gaussian model: tr(A) and sqrt(2 tr(A^2)), A the
+        shrunk precision times the within-class covariance. Puts the depths' distances on one
+        scale (`multilayer_mahalanobis`) from the moments alone, no second pass."""
+        m = self._moments(depth)
+        total = int(m.count_.sum())
+        _, whiten = self._whitened(depth)
+        a = whiten.T @ (m.m2_.sum(axis=0) / total) @ whiten  # similar to P Sigma_w: same traces
+        return float(np.trace(a)), float(np.sqrt(2.0 * np.sum(a * a)))
+
+    def multilayer_mahalanobis(self, blocks: Sequence[np.ndarray]) -> np.ndarray:
+        """(N,) float64 sum over the conv blocks (every depth but the penultimate) of the
+        standardised `mahalanobis` distance, (d - mean) / sd with `null_moments`: the summed
+        z-scores of a multi-layer Mahalanobis detector (Lee et al. 2018 without input
+        preprocessing or a learned weighting). Higher = worse."""
+        if len(blocks) != len(self.dims) - 1:
+            raise ValueError(f"expected {len(self.dims) - 1} block arrays, got {len(blocks)}")
+        out = np.zeros(len(blocks[0]) if blocks else 0, dtype=np.float64)
+        for i, b in enumerate(blocks):
+            mu, sd = self.null_moments(i)
+            out += (self.mahalanobis(i, b) - mu) / (sd if sd > 0 else 1.0)
+        return out
 
     def knn_distance(self, features: np.ndarray, k: int = KNN_K) -> np.ndarray:
         """(N,) float64 distance of each L2-normalised row to its k-th nearest bank row
@@ -99,6 +156,9 @@ class FeatureReference:
         for d, m in enumerate(self.moments):
             out[f"{prefix}d{d}_mean"] = m.mean_.copy()
             out[f"{prefix}d{d}_m2"] = m.m2_.copy()
+        if self.joint_moments is not None:
+            out[f"{prefix}joint_mean"] = self.joint_moments.mean_.copy()
+            out[f"{prefix}joint_m2"] = self.joint_moments.m2_.copy()
         return out
 
     @classmethod
@@ -108,11 +168,15 @@ class FeatureReference:
         if f"{prefix}dims" not in arrays:
             return None
         dims = [int(d) for d in np.asarray(arrays[f"{prefix}dims"]).reshape(-1)]
-        self = cls(num_classes, dims, int(arrays[f"{prefix}bank_size"]), int(arrays[f"{prefix}seed"]))
+        self = cls(num_classes, dims, int(arrays[f"{prefix}bank_size"]), int(arrays[f"{prefix}seed"]),
+                   joint=f"{prefix}joint_mean" in arrays)
         counts = np.asarray(arrays[f"{prefix}counts"], dtype=np.int64)
-        for d, m in enumerate(self.moments):
-            mean = np.asarray(arrays[f"{prefix}d{d}_mean"], dtype=np.float64)
-            m2 = np.asarray(arrays[f"{prefix}d{d}_m2"], dtype=np.float64)
+        named = [(f"d{d}", m) for d, m in enumerate(self.moments)]
+        if self.joint_moments is not None:
+            named.append(("joint", self.joint_moments))
+        for d, m in named:
+            mean = np.asarray(arrays[f"{prefix}{d}_mean"], dtype=np.float64)
+            m2 = np.asarray(arrays[f"{prefix}{d}_m2"], dtype=np.float64)
             if mean.shape != (num_classes, m.dim) or m2.shape != (num_classes, m.dim, m.dim):
                 raise ValueError(f"feature depth {d} arrays have shapes {mean.shape}, {m2.shape}")
             m.count_, m.mean_, m.m2_ = counts.copy(), mean.copy(), m2.copy()
@@ -123,16 +187,39 @@ class FeatureReference:
         return self
 
     # ------------------------------------------------------------------ helpers
+    def _moments(self, depth: int) -> GroupedMoments:
+        if depth == len(self.dims) and self.joint_moments is not None:
+            return self.joint_moments
+        return self.moments[depth]
+
     def _offer(self, keys: np.ndarray, rows: np.ndarray) -> None:
         keys = np.concatenate([self.bank_keys, keys])
         rows = np.concatenate([self.bank, rows.astype(np.float32)])
         order = np.lexsort((np.arange(len(keys)), keys))[: self.bank_size]  # by key; stable
         self.bank_keys, self.bank = keys[order], rows[order]
 
+    def _background(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean (C,), whitening matrix (C, C)) of one Gaussian of all rows at a depth: the
+        pooled mean and the OAS-shrunk total covariance (within + between classes)."""
+        key = -1 - depth
+        if key not in self._cache:
+            m = self._moments(depth)
+            n = m.count_.astype(np.float64)
+            total = n.sum()
+            if total == 0:
+                raise ValueError("the feature reference has no data yet")
+            mean = (n[:, None] * m.mean_).sum(axis=0) / total
+            dev = m.mean_ - mean
+            scatter = m.m2_.sum(axis=0) + (n[:, None, None] * dev[:, :, None] * dev[:, None, :]).sum(axis=0)
+            cov, _ = oas_shrink((scatter / total)[None], int(total))
+            evals, evecs = np.linalg.eigh(cov[0])
+            self._cache[key] = (mean, evecs / np.sqrt(np.maximum(evals, evals.max() * 1e-12))[None])
+        return self._cache[key]
+
     def _whitened(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """(class means whitened (K, C), whitening matrix (C, C)) of the tied covariance."""
         if depth not in self._cache:
-            m = self.moments[depth]
+            m = self._moments(depth)
             total = int(m.count_.sum())
             if total == 0:
                 raise ValueError("the feature reference has no data yet")

@@ -140,7 +140,8 @@ class ReferenceStore:
                              f"{self.early_channels} early channels")
         if self.features is None and other.features is not None and not self._cam.count_.any():
             o = other.features  # an empty store takes the other's depth layout
-            self.features = FeatureReference(len(self.classes), o.dims, o.bank_size, o.seed)
+            self.features = FeatureReference(len(self.classes), o.dims, o.bank_size, o.seed,
+                                             joint=o.joint_moments is not None)
         self._cam.merge(other._cam)
         self._early.merge(other._early)
         self._stats.merge(other._stats)

@@ -136,7 +136,9 @@ def test_decision_json_fields(gate, mnist):
                       "scores", "p_values", "error"}
     expected = {"iou", "dice", "ssim", "cosine", "pearson", "kl", "wasserstein", "garbage",
                 "early_mahalanobis", "feat_conv1_mahalanobis", "feat_conv2_mahalanobis",
-                "feat_conv3_mahalanobis", "penultimate_mahalanobis", "knn", "msp", "energy"} | \
+                "feat_conv3_mahalanobis", "penultimate_mahalanobis", "penultimate_relative_mahalanobis",
+                "feat_multilayer_mahalanobis", "feat_joint_mahalanobis",
+                "feat_joint_relative_mahalanobis", "knn", "msp", "energy"} | \
         {f"early_{m}" for m in ("iou", "dice", "ssim", "cosine", "pearson", "kl", "wasserstein")}
     assert set(d["scores"]) == expected and set(d["p_values"]) == expected
     assert all(0 < p <= 1 for p in d["p_values"].values())

@@ -223,6 +223,92 @@ def test_feature_reference_against_sklearn_and_exact_merge(mnist):
     np.testing.assert_allclose(whole.knn_distance(q), nn.kneighbors(qn)[0][:, -1], rtol=1e-4)
 
 
+def test_relative_and_multilayer_mahalanobis_against_references(mnist):
+    """`relative_mahalanobis` = the tied distance minus the distance under sklearn's OAS on all
+    rows uncentred (Ren et al. 2021); `null_moments`' mean is exactly the in-sample mean own-class
+    distance, tr(P Sigma_w); `multilayer_mahalanobis` sums the standardised block distances."""
+    from sklearn.covariance import OAS
+
+    x, y = mnist
+    feats = _pixel_features(x[:1500])
+    ref = FeatureReference(10, [16, 49], bank_size=500, seed=3).update(y[:1500], feats)
+    q = _pixel_features(x[3000:3100])
+    g = OAS().fit(feats[1])
+    d0 = np.einsum("nc,cd,nd->n", q[1] - g.location_, g.precision_, q[1] - g.location_)
+    np.testing.assert_allclose(ref.relative_mahalanobis(1, q[1]), ref.mahalanobis(1, q[1]) - d0,
+                               rtol=1e-6, atol=1e-6)
+    means = np.stack([feats[0][y[:1500] == k].mean(0) for k in range(10)])
+    centred = feats[0] - means[y[:1500]]
+    prec = OAS(assume_centered=True).fit(centred).precision_
+    own = np.einsum("nc,cd,nd->n", centred, prec, centred)
+    mu, sd = ref.null_moments(0)
+    assert mu == pytest.approx(own.mean(), rel=1e-8)
+    assert 0 < sd < 2 * mu
+    np.testing.assert_allclose(ref.multilayer_mahalanobis([q[0]]), (ref.mahalanobis(0, q[0]) - mu) / sd)
+    with pytest.raises(ValueError, match="block arrays"):
+        ref.multilayer_mahalanobis([q[0], q[1]])
+
+
+def test_joint_block_gaussian_against_sklearn_merge_and_round_trip(mnist):
+    """The joint Gaussian of the conv blocks' channel means concatenated: its distance is the
+    tied OAS Mahalanobis of the concatenated rows (as sklearn computes it), merging halves gives
+    the whole, the arrays round-trip, and a reference saved without it loads without it."""
+    from sklearn.covariance import OAS
+
+    x, y = mnist
+    f = x[:1200].astype(np.float64) / 255.0
+    blocks = [f.reshape(-1, 4, 7, 4, 7).mean(axis=(2, 4)).reshape(len(f), -1),
+              f.reshape(-1, 2, 14, 2, 14).mean(axis=(2, 4)).reshape(len(f), -1)]
+    pen = f.reshape(-1, 7, 4, 7, 4).mean(axis=(2, 4)).reshape(len(f), -1)
+    depths, lab = [*blocks, pen], y[:1200]
+    ref = FeatureReference(10, [16, 4, 49], bank_size=500).update(lab, depths)
+    assert ref.joint_depth == 3 and ref.joint_moments.dim == 20
+    cat = np.hstack(blocks)
+    means = np.stack([cat[lab == k].mean(0) for k in range(10)])
+    prec = OAS(assume_centered=True).fit(cat - means[lab]).precision_
+    q = np.hstack([b[:50] for b in blocks]) + 0.01
+    want = np.einsum("nkc,cd,nkd->nk", q[:, None] - means[None], prec, q[:, None] - means[None]).min(1)
+    np.testing.assert_allclose(ref.mahalanobis(ref.joint_depth, q), want, rtol=1e-6, atol=1e-8)
+    half = FeatureReference(10, [16, 4, 49], bank_size=500).update(lab[:600], [d[:600] for d in depths])
+    half.merge(FeatureReference(10, [16, 4, 49], bank_size=500).update(lab[600:], [d[600:] for d in depths]))
+    np.testing.assert_allclose(half.mahalanobis(3, q), ref.mahalanobis(3, q), rtol=1e-9)
+    back = FeatureReference.from_arrays(ref.to_arrays(), 10)
+    np.testing.assert_array_equal(back.relative_mahalanobis(3, q), ref.relative_mahalanobis(3, q))
+    old = {k: v for k, v in ref.to_arrays().items() if "joint" not in k}
+    assert FeatureReference.from_arrays(old, 10).joint_depth is None
+    with pytest.raises(ValueError, match="cannot merge"):
+        FeatureReference(10, [16, 4, 49], joint=False).merge(ref)
+
+
+def test_bundle_without_the_newer_scores_scores_its_own(heldout_setup):
+    """A bundle built before `DEPTH_EXTRA` and `JOINT_SCORES` calibrates no such score: the gate reports exactly
+    the bundle's own scores and decides as before (here: the same bundle with those scores
+    removed from its calibration and combination)."""
+    import copy
+
+    from calibration.conformal import ConformalCalibrator
+    from verifier.examples.zoo import preprocess_uint8
+    from verifier.runtime.gatekeeper import Gatekeeper
+    from verifier.scoring.comparator import DEPTH_EXTRA, JOINT_SCORES
+
+    gate, _, held_out = heldout_setup
+    b = copy.copy(gate.bundle)
+    newer = (*DEPTH_EXTRA, *JOINT_SCORES)
+    keep = [n for n in b.score_names if n not in newer]
+    assert len(keep) == len(b.score_names) - len(newer)
+    b.calibration_scores = {n: b.calibration_scores[n] for n in keep}
+    b.calibrator = ConformalCalibrator({n: b.higher_is_worse[n] for n in keep}).fit(
+        b.calibration_scores, b.calibration_classes, len(b.classes))
+    cols = [j for j, n in enumerate(b.combiner.names_) if n not in newer]
+    old = InDistributionConformal().fit(np.sort(b.combiner.ref_[:, cols] * b.combiner.sign_[cols], axis=0),
+                                        b.combiner.sign_[cols] > 0, [b.combiner.names_[j] for j in cols])
+    b.combiner = old.calibrate(np.column_stack([b.calibration_scores[n] for n in old.names_]),
+                               b.calibration_classes, len(b.classes))
+    batch = Gatekeeper(b, probe=gate.probe).score_batch(preprocess_uint8(held_out[:64]).numpy())
+    assert tuple(batch.scores) == tuple(keep) and tuple(batch.p_values) == tuple(keep)
+    assert np.isfinite(batch.p_value).all()
+
+
 def test_store_round_trip_keeps_depth_features(mnist, tmp_path):
     x, y = mnist
     feats = _pixel_features(x[:300])

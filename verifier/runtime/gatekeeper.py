@@ -142,6 +142,9 @@ class Gatekeeper:
                                           self.bundle.spec.garbage_class)
         t2 = time.perf_counter()
         b = self.bundle
+        if len(scores) > len(b.score_names):  # a bundle built before newer scores: its own only
+            keep = set(b.score_names)
+            scores = {k: v for k, v in scores.items() if k in keep}
         u = digest_uniforms(x if not errors else x[good])
         p_values = b.calibrator.p_values(scores, predicted, u=u)
         p_value = self._combined(scores, p_values, predicted, u)

@@ -4,7 +4,8 @@ Names: the seven measures on Grad-CAM maps (`iou` ... `wasserstein`), the same o
 of every further method the store holds (`crm_iou` ...; `verifier.scoring.attention`) and on
 early maps (`early_iou` ...), `early_mahalanobis` on early channel statistics, and
 where the store holds depth features: `feat_conv<i>_mahalanobis` (channel means of conv
-block i), `penultimate_mahalanobis`, `knn`, and the model's own `msp` and `energy`.
+block i), `feat_multilayer_mahalanobis`, `penultimate_mahalanobis`,
+`penultimate_relative_mahalanobis`, `knn`, and the model's own `msp` and `energy`.
 """
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ __all__ = ["Comparator", "ATTENTION_MEASURES", "FAMILIES", "score_family", "high
 
 #: families of checks, in the order `reasons` names them
 FAMILIES: tuple[str, ...] = ("garbage", "attention", "early_features", "features", "output")
+
+#: depth scores added by issue 12's second round, after `penultimate_mahalanobis` (a bundle
+#: built before them has none: the gate keeps to the bundle's own score names)
+DEPTH_EXTRA: tuple[str, ...] = ("penultimate_relative_mahalanobis", "feat_multilayer_mahalanobis")
+
+#: scores of the joint Gaussian of all conv blocks' channel means (issue 12, third round), where
+#: the store keeps one (`FeatureReference.joint_moments`): a store without it scores none
+JOINT_SCORES: tuple[str, ...] = ("feat_joint_mahalanobis", "feat_joint_relative_mahalanobis")
 
 #: the seven built-in measures, in report order: what a bundle without a `measures` list used
 ATTENTION_MEASURES: tuple[str, ...] = ("iou", "dice", "ssim", "cosine", "pearson", "kl", "wasserstein")
@@ -56,7 +65,8 @@ class Comparator:
         if feats is None:  # a store built before depth features: the original scores only
             return base
         blocks = tuple(f"feat_conv{i + 1}_mahalanobis" for i in range(len(feats.dims) - 1))
-        return (*base, *blocks, "penultimate_mahalanobis", "knn", "msp", "energy")
+        joint = JOINT_SCORES if feats.joint_depth is not None else ()
+        return (*base, *blocks, "penultimate_mahalanobis", *DEPTH_EXTRA, *joint, "knn", "msp", "energy")
 
     def canonical(self, result: ProbeResult) -> tuple[np.ndarray, np.ndarray]:
         """(cam, early_map) of a result on the store's grid, canonical form, (N, G, G) each."""
@@ -88,7 +98,12 @@ class Comparator:
 def depth_scores(store: ReferenceStore, result: ProbeResult) -> dict[str, np.ndarray]:
     """Feature-space and output scores, each (N,) float64, higher = worse except `msp`:
     `feat_conv<i>_mahalanobis` and `penultimate_mahalanobis` (squared Mahalanobis distance
-    to the nearest class mean, tied OAS-shrunk covariance, Lee et al. 2018), `knn` (distance
+    to the nearest class mean, tied OAS-shrunk covariance, Lee et al. 2018),
+    `penultimate_relative_mahalanobis` (the same minus the distance to one Gaussian of all
+    reference features, Ren et al. 2021), `feat_multilayer_mahalanobis` (the conv blocks'
+    distances standardised by their in-distribution moments and summed),
+    `feat_joint_mahalanobis` and `feat_joint_relative_mahalanobis` (the same two distances on
+    the conv blocks' channel means concatenated, where the store keeps that Gaussian), `knn` (distance
     of the L2-normalised penultimate features to their 50th nearest reference, Sun et al.
     2022), `msp` (maximum softmax probability, Hendrycks & Gimpel 2017) and `energy`
     (-logsumexp of the logits, Liu et al. 2020), over the store's K real classes."""
@@ -101,6 +116,12 @@ def depth_scores(store: ReferenceStore, result: ProbeResult) -> dict[str, np.nda
     out = {f"feat_conv{i + 1}_mahalanobis": feats.mahalanobis(i, result.block_stats[i])
            for i in range(n_blocks)}
     out["penultimate_mahalanobis"] = feats.mahalanobis(n_blocks, result.features)
+    out["penultimate_relative_mahalanobis"] = feats.relative_mahalanobis(n_blocks, result.features)
+    out["feat_multilayer_mahalanobis"] = feats.multilayer_mahalanobis(result.block_stats)
+    if feats.joint_depth is not None:
+        joint = np.hstack([np.asarray(b, dtype=np.float64) for b in result.block_stats])
+        out["feat_joint_mahalanobis"] = feats.mahalanobis(feats.joint_depth, joint)
+        out["feat_joint_relative_mahalanobis"] = feats.relative_mahalanobis(feats.joint_depth, joint)
     out["knn"] = feats.knn_distance(result.features)
     logits = np.asarray(result.logits[:, : len(store.classes)], dtype=np.float64)
     out["msp"] = softmax(logits, axis=1).max(axis=1)
