@@ -9,11 +9,20 @@ from verifier.spec import ModelSpec
 __all__ = ["open_probe"]
 
 
-def open_probe(spec: ModelSpec, device: str | None = None) -> Probe:
+def open_probe(spec: ModelSpec, device: str | None = None, threads: int | None = None) -> Probe:
     """The backend probe for a spec: torch for nn.Modules, onnxruntime for .onnx
     files, and TorchScript files through an in-memory ONNX export; a segmentation
-    nn.Module gets the SegmentationProbe (image-level scores, region Grad-CAM)."""
+    nn.Module gets the SegmentationProbe (image-level scores, region Grad-CAM).
+    `threads`: compute threads of the model's forward pass (onnxruntime: the session's
+    intra-op threads, sleeping between runs; torch: `torch.set_num_threads`, which is
+    process-wide); None keeps the backend's default."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     backend = spec.backend
+    if threads is not None and (backend == "torch" or spec.task == "segmentation"):
+        import torch
+
+        torch.set_num_threads(threads)
     if spec.task == "segmentation":
         if backend != "torch":
             raise ProbeError(f"the gate, reference store and audit take a segmentation model as "
@@ -27,4 +36,4 @@ def open_probe(spec: ModelSpec, device: str | None = None) -> Probe:
         from verifier.probe.torch_backend import TorchProbe
         return TorchProbe(spec, device=device)
     from verifier.probe.onnx_backend import OnnxProbe
-    return OnnxProbe(spec, device=device)
+    return OnnxProbe(spec, device=device, threads=threads)
