@@ -85,6 +85,8 @@ class _Batcher:
         for j in jobs:
             self._queue.put_nowait(j)
         try:
+            if len(jobs) == 1:  # a raw body: its future alone, no gathering future around it
+                return [await jobs[0].future]
             return list(await asyncio.gather(*(j.future for j in jobs)))
         finally:
             self.pending -= len(jobs)
