@@ -38,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="override the bundle's target false-rejection rate")
     p.add_argument("--max-batch", type=int, default=32, help="images per probe pass at most (default 32)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others to share its probe pass (default 5)")
+                   help="how long a request waits for others to share its probe pass, at most "
+                        "(default 5; sooner once every request held is in and none has come for a "
+                        "fifth of it)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit in MB (default 16)")
     p.add_argument("--queue", type=int, default=256,
                    help="images (and requests) waiting at most; beyond, 503 + Retry-After (default 256)")
