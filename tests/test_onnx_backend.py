@@ -328,3 +328,20 @@ def test_parity_with_torch_probe_garbage_output_and_no_linear_layer(tmp_path, ba
         np.testing.assert_allclose(o.logits, t.logits, atol=1e-4)
         np.testing.assert_allclose(o.features, t.features, atol=1e-4)
         assert cosine(o.cam, t.cam).min() >= 0.999
+
+
+def test_threads_set_the_sessions_and_change_no_answer(models, batch):
+    """`threads` (what `verifier serve --probe-threads` passes): every session gets that many
+    intra-op threads, idle ones sleeping instead of spinning, and the answers are the same."""
+    _, path = models["gap"]
+    default, single = OnnxProbe(file_spec(path)), open_probe(file_spec(path), threads=1)
+    for s in (single._session, single._tail):
+        if s is not None:
+            opts = s.get_session_options()
+            assert opts.intra_op_num_threads == 1
+            assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    a, b = default.run(batch.numpy()), single.run(batch.numpy())
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.cam, b.cam, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="threads"):
+        open_probe(file_spec(path), threads=0)

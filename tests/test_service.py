@@ -465,3 +465,50 @@ def test_log_buffer_writes_by_size_by_time_and_on_stop(tmp_path):
     rows = pq.read_table(parts(tmp_path / "a")).to_pydict()
     assert sorted(rows["input"]) == sorted([f"a-{i}.png" for i in range(5)] + ["b-0.png", "b-1.png"])
     assert set(rows["bundle_id"]) == {"bundle-x"} and set(rows["decision"]) == {"reject"}
+
+
+def test_batch_window_closes_once_every_request_is_in():
+    """The gathering window waits for requests the server holds (one still reading its body),
+    but not for company that is not on its way: a request alone in the server goes after a
+    fifth of the window without new arrivals, not after the whole window."""
+    import asyncio
+
+    from verifier.runtime.decision import Decision
+    from verifier.service.batching import _Batcher, _Job
+    from verifier.service.config import ServiceConfig
+
+    class Host:  # the part of the service state the batcher reads
+        cfg = ServiceConfig(batch_wait_ms=1000, max_batch=8)
+        inflight = 0
+        probe_pool = ThreadPoolExecutor(1)
+
+    passes: list[list[str]] = []
+
+    class Batcher(_Batcher):
+        def _gate(self, batch: list[_Job]) -> list[Decision]:
+            passes.append([j.name for j in batch])
+            return [Decision.from_error(j.name, "stub") for j in batch]
+
+    async def scenario() -> float:
+        host = Host()
+        b = Batcher(host)  # type: ignore[arg-type]
+        b.start()
+        loop = asyncio.get_running_loop()
+
+        def job(name: str) -> list[_Job]:
+            return [_Job(b"", name, ".png", loop.create_future())]
+
+        host.inflight = 1  # alone in the server: goes after the 0.2 s quiet spell
+        t0 = loop.time()
+        await b.submit(job("alone.png"))
+        lone = loop.time() - t0
+        host.inflight = 2  # two held, one still reading its body: the window waits for it
+        first = asyncio.ensure_future(b.submit(job("first.png")))
+        await asyncio.sleep(0.5)
+        await asyncio.gather(first, b.submit(job("late.png")))
+        await b.stop()
+        return lone
+
+    lone = asyncio.run(scenario())
+    assert lone < 0.6, lone
+    assert passes == [["alone.png"], ["first.png", "late.png"]]

@@ -39,6 +39,8 @@ class OnnxProbe:
     step relative to the RMS of each image's target activation (default by tail
     precision, `DEFAULT_REL_EPS`). The tail runs in float64 when onnxruntime has
     float64 kernels for all its ops; `tail_precision` forces "float64" or "float32".
+    `threads`: intra-op threads of its sessions, idle ones sleeping instead of spinning
+    (None: onnxruntime's default, a spinning thread per core).
     """
 
     target_layer: str
@@ -48,16 +50,20 @@ class OnnxProbe:
     input_name: str
 
     def __init__(self, spec: ModelSpec, device: str | None = None, gradient: str = "auto",
-                 rel_eps: float | None = None, tail_precision: str = "auto") -> None:
+                 rel_eps: float | None = None, tail_precision: str = "auto",
+                 threads: int | None = None) -> None:
         if gradient not in GRADIENT_METHODS:
             raise ValueError(f"gradient must be one of {GRADIENT_METHODS}, got {gradient!r}")
         if tail_precision not in ("auto", "float64", "float32"):
             raise ValueError("tail_precision must be 'auto', 'float64' or 'float32'")
         if spec.path is None:
             raise ProbeError("OnnxProbe needs a spec with a model file (.onnx or TorchScript)")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.spec = spec
         self.fingerprint = model_fingerprint(spec)
         self.providers = _providers(device)
+        self.threads = threads
         model = _load_model(spec)
         info = og.analyse(model)
         self.input_name = info.input_name
@@ -81,7 +87,7 @@ class OnnxProbe:
             self._exact = None
             tail, self._side = og.extract_tail(info, self.target_layer)
             self._tail, self.tail_precision = _tail_session(tail, self.providers,
-                                                            tail_precision)
+                                                            tail_precision, threads)
             self.gradient_method = "finite-difference"
         else:
             self._side, self._tail, self.tail_precision = [], None, "float64"
@@ -96,7 +102,7 @@ class OnnxProbe:
         self._slots = [self._fetch.index(w) for w in wanted]
         self._n_side = len(self._side)
         self._session = _session(og.with_outputs(model, self._fetch, info), self.providers,
-                                 "model")
+                                 "model", threads)
         self.target_shape = info.shape(self.target_layer)
         self.early_shape = info.shape(self.early_layer)
 
@@ -309,11 +315,21 @@ def _torchscript_to_onnx(spec: ModelSpec) -> onnx.ModelProto:
     return onnx.load_from_string(data)
 
 
-def _session(model: onnx.ModelProto, providers: list[str], what: str) -> Any:
+def _session(model: onnx.ModelProto, providers: list[str], what: str,
+             threads: int | None = None) -> Any:
+    """An inference session. `threads`: its intra-op threads, which then sleep between runs
+    instead of spin-waiting (onnxruntime's default is one thread per core, spinning: right for
+    back-to-back batches, but in a service each spinning thread burns a core the event loop
+    needs between two probe passes)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(model.SerializeToString(), sess_options=opts,
                                     providers=providers)
@@ -321,15 +337,16 @@ def _session(model: onnx.ModelProto, providers: list[str], what: str) -> Any:
         raise ProbeError(f"onnxruntime cannot load the {what}: {e}") from None
 
 
-def _tail_session(tail: onnx.ModelProto, providers: list[str], want: str) -> tuple[Any, str]:
+def _tail_session(tail: onnx.ModelProto, providers: list[str], want: str,
+                  threads: int | None = None) -> tuple[Any, str]:
     """The tail's session in float64 when every op has a float64 kernel, else float32."""
     if want != "float32":
         try:
-            return _session(to_double(tail), providers, "tail subgraph"), "float64"
+            return _session(to_double(tail), providers, "tail subgraph", threads), "float64"
         except (ProbeError, ValueError) as e:
             if want == "float64":
                 raise ProbeError(f"the tail cannot run in float64: {e}") from None
-    return _session(tail, providers, "tail subgraph"), "float32"
+    return _session(tail, providers, "tail subgraph", threads), "float32"
 
 
 def _check_input(info: og.GraphInfo, spec: ModelSpec) -> None:

@@ -36,11 +36,12 @@ class OnnxSegmentationProbe:
     adapted Grad-CAM (N, H', W') of the explained class's predicted region summed over the
     decoder layers, features = the last decoder layer's channel means, early map / stats and
     conv-block stats as the classifier probes compute them. `rel_eps`: the finite-difference
-    step relative to each image's activation RMS (default by tail precision, as OnnxProbe).
+    step relative to each image's activation RMS (default by tail precision, as OnnxProbe);
+    `threads`: intra-op threads of its sessions (None: onnxruntime's default).
     """
 
     def __init__(self, spec: ModelSpec, device: str | None = None, rel_eps: float | None = None,
-                 tail_precision: str = "auto") -> None:
+                 tail_precision: str = "auto", threads: int | None = None) -> None:
         if spec.path is None:
             raise ProbeError("OnnxSegmentationProbe needs a spec with a model file "
                              "(.onnx or TorchScript)")
@@ -61,14 +62,15 @@ class OnnxSegmentationProbe:
         self._tails: list[tuple[Any, str, list[str]]] = []
         for name in self.decoder:
             tail, side = og.extract_tail(info, name)
-            session, precision = ob._tail_session(tail, providers, tail_precision)
+            session, precision = ob._tail_session(tail, providers, tail_precision, threads)
             self._tails.append((session, precision, side))
         self.tail_precision = ",".join(dict.fromkeys(p for _, p, _ in self._tails))
         self.rel_eps = rel_eps
         sides = [s for _, _, side in self._tails for s in side]
         self._fetch = list(dict.fromkeys([self.logits_name, *self.decoder, self.early_layer,
                                           *self.block_layers, *sides]))
-        self._session = ob._session(og.with_outputs(model, self._fetch, info), providers, "model")
+        self._session = ob._session(og.with_outputs(model, self._fetch, info), providers, "model",
+                                    threads)
         self.gradient_method = "finite-difference-decoder-sum"
 
     def describe(self) -> str:

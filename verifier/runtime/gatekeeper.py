@@ -74,12 +74,15 @@ class Gatekeeper:
     @classmethod
     def load(cls, path: str | Path, model: Any = None, alpha: float | None = None,
              device: str | None = None, batch_size: int = 64,
-             spec: ModelSpec | None = None, key: Any = None) -> Gatekeeper:
+             spec: ModelSpec | None = None, key: Any = None,
+             threads: int | None = None) -> Gatekeeper:
         """Load a bundle (verifying checksums and the model fingerprint) and open its probe.
         `spec`: gate with another model file declared compatible (see `Bundle.load`).
-        `key`: a key file; the bundle must be signed by it (see `Bundle.load`)."""
+        `key`: a key file; the bundle must be signed by it (see `Bundle.load`).
+        `threads`: the probe's compute threads (`open_probe`); None: the backend's default."""
         bundle = Bundle.load(path, model=model, spec=spec, key=key)
-        return cls(bundle, open_probe(bundle.spec, device=device), alpha=alpha, batch_size=batch_size)
+        return cls(bundle, open_probe(bundle.spec, device=device, threads=threads), alpha=alpha,
+                   batch_size=batch_size)
 
     # ------------------------------------------------------------------ public
     def gate(self, inputs: Sequence[str | Path] | np.ndarray, log: Any = None,

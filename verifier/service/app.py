@@ -86,6 +86,7 @@ def serve(gate: Gatekeeper, config: ServiceConfig, host: str = "127.0.0.1", port
     server = uvicorn.Server(uvicorn.Config(
         app, host=host, port=port, http=_protocol(header_timeout_s), lifespan="on", log_level="warning",
         access_log=False, server_header=False, timeout_keep_alive=int(max(1, keep_alive_s)),
+        proxy_headers=False,  # nothing reads the client's address: no X-Forwarded-* pass per request
         timeout_graceful_shutdown=max(30, int(config.body_timeout_s) + 5),
         limit_concurrency=2 * config.queue + 64))
     # uvicorn re-raises the signal it caught once it has stopped; a no-op handler makes that a

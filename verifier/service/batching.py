@@ -34,6 +34,7 @@ class _Host(Protocol):
 
     gate: Gatekeeper
     cfg: ServiceConfig
+    inflight: int  # POST /v1/gate requests being handled (reading, queued, in a pass, answering)
     metrics: _Metrics
     review: _Review
     logbuf: _LogBuffer | None
@@ -56,12 +57,19 @@ class QueueFull(Exception):
 
 class _Batcher:
     """Gathers jobs for up to `batch_wait_ms` (or `max_batch` of them) into one `Gatekeeper.gate`
-    call on the probe thread, then routes each decision back to its request."""
+    call on the probe thread, then routes each decision back to its request.
+
+    The window closes early once every request the server holds has queued its images and
+    none has come for a fifth of the window (at least 1 ms): the company it waits for could
+    only be a request not yet sent, and under load the probe would sit idle for nothing (at
+    concurrency 32 the 32 requests of a round arrive within about 2 ms; a full 5 ms window
+    cost a quarter of the throughput, measured)."""
 
     def __init__(self, state: _Host) -> None:
         self.state = state
         self.waiting = 0        # queued, not yet in a probe pass
         self.pending = 0        # queued or in a pass, not yet answered
+        self.requests = 0       # requests whose images are all queued or in a pass
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
 
@@ -82,27 +90,39 @@ class _Batcher:
         assert self._queue is not None
         self.pending += len(jobs)
         self.waiting += len(jobs)
+        self.requests += 1
         for j in jobs:
             self._queue.put_nowait(j)
         try:
+            if len(jobs) == 1:  # a raw body: its future alone, no gathering future around it
+                return [await jobs[0].future]
             return list(await asyncio.gather(*(j.future for j in jobs)))
         finally:
             self.pending -= len(jobs)
+            self.requests -= 1
 
     async def _run(self) -> None:
         assert self._queue is not None
         q, cfg = self._queue, self.state.cfg
         loop = asyncio.get_running_loop()
+        wait = cfg.batch_wait_ms / 1000.0
+        quiet = max(0.001, wait / 5)
         while True:
             batch = [await q.get()]
-            deadline = loop.time() + cfg.batch_wait_ms / 1000.0
+            last = loop.time()
+            deadline = last + wait
             while len(batch) < cfg.max_batch:  # gather for batch_wait_ms or up to max_batch
+                n = len(batch)
                 while len(batch) < cfg.max_batch and not q.empty():
                     batch.append(q.get_nowait())
-                left = deadline - loop.time()
-                if left <= 0 or len(batch) >= cfg.max_batch:
+                now = loop.time()
+                if len(batch) > n:
+                    last = now
+                if now >= deadline or len(batch) >= cfg.max_batch:
                     break
-                await asyncio.sleep(min(left, 0.001))
+                if self.state.inflight <= self.requests and now - last >= quiet:
+                    break  # every request the server holds is in: no company is on its way
+                await asyncio.sleep(min(deadline - now, 0.001))
             self.waiting -= len(batch)
             try:
                 decisions = await loop.run_in_executor(self.state.probe_pool, self._gate, batch)

@@ -14,7 +14,7 @@ class ServiceConfig:
     """Service bounds and options (the `verifier serve` flags)."""
 
     max_batch: int = 32            # images per probe pass at most
-    batch_wait_ms: float = 5.0     # how long the first image of a batch waits for company
+    batch_wait_ms: float = 5.0     # how long the first image of a batch waits for company, at most
     max_body_mb: float = 16.0      # request body limit (413 beyond)
     queue: int = 256               # images (and requests) accepted and not yet answered (503 beyond)
     body_timeout_s: float = 10.0   # whole body must arrive within this (408 beyond)

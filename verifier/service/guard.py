@@ -30,6 +30,7 @@ class _Guard:
     def __init__(self, app: FastAPI, state: _State) -> None:
         self.app, self.state = app, state
         self.token = state.cfg.token.encode() if state.cfg.token else None
+        self._counted: dict[tuple[str, int], Any] = {}
 
     def __getattr__(self, name: str) -> Any:  # app.state, app.openapi() ... stay reachable
         return getattr(self.app, name)
@@ -55,7 +56,11 @@ class _Guard:
             else:
                 await self.app(scope, receive, counted)
         finally:
-            self.state.metrics.requests.labels(route, str(status[0])).inc()
+            key = (route, status[0])
+            child = self._counted.get(key)
+            if child is None:  # the labelled child, looked up once per (route, status)
+                child = self._counted[key] = self.state.metrics.requests.labels(route, str(status[0]))
+            child.inc()
 
     async def _gate(self, scope: dict, receive: Callable, send: Callable) -> None:
         """The hot path straight to the handler: FastAPI's middleware, routing and dependency

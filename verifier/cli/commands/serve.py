@@ -21,6 +21,7 @@ decision log is flushed. Details: docs/service.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="override the bundle's target false-rejection rate")
     p.add_argument("--max-batch", type=int, default=32, help="images per probe pass at most (default 32)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others to share its probe pass (default 5)")
+                   help="how long a request waits for others to share its probe pass, at most "
+                        "(default 5; sooner once every request held is in and none has come for a "
+                        "fifth of it)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit in MB (default 16)")
     p.add_argument("--queue", type=int, default=256,
                    help="images (and requests) waiting at most; beyond, 503 + Retry-After (default 256)")
@@ -55,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="drift report HTML (or a folder of them: the newest) linked from /review")
     p.add_argument("--review-keep", type=int, default=24,
                    help="rejected images kept in memory for /review (default 24)")
+    p.add_argument("--probe-threads", type=int, default=None, metavar="N",
+                   help="compute threads of the model's forward pass (default: the CPUs less one, "
+                        "at least 1, left for the event loop; idle ones sleep instead of spinning)")
     p.add_argument("--verify-key", metavar="KEY", help="key file: refuse the bundle unless it is signed by this key (HMAC secret or Ed25519 public key; docs/bundle.md)")
 
 
@@ -76,14 +82,25 @@ def run(args: argparse.Namespace) -> int:
     from verifier.runtime.gatekeeper import Gatekeeper
     from verifier.spec import load_spec
 
+    if args.probe_threads is not None and args.probe_threads < 1:
+        raise ValueError(f"--probe-threads must be >= 1, got {args.probe_threads}")
     gate = Gatekeeper.load(args.bundle, spec=load_spec(args.spec) if args.spec else None, alpha=args.alpha,
-                           key=args.verify_key)
+                           key=args.verify_key, threads=args.probe_threads or default_probe_threads())
     print(f"verifier serving bundle {gate.bundle.bundle_id} on http://{args.host}:{args.port} "
           "(POST /v1/gate; /review, /metrics, /docs); SIGTERM or Ctrl-C stops and flushes the log",
           file=sys.stderr, flush=True)
     serve(gate, cfg, args.host, args.port, keep_alive_s=args.keep_alive,
           header_timeout_s=args.header_timeout)
     return 0
+
+
+def default_probe_threads() -> int:
+    """The CPUs this process may run on, less one for the event loop (HTTP, JSON), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 2
+    return max(1, cpus - 1)
 
 
 def _read_token(path: str) -> str:
