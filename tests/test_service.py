@@ -436,14 +436,20 @@ def test_log_buffer_writes_by_size_by_time_and_on_stop(tmp_path):
     def parts(root: Path) -> list[Path]:
         return sorted(root.glob("date=*/part-*.parquet"))
 
+    async def until(done, limit: float = 60.0) -> None:
+        """Wait for a write on the writer thread: no fixed deadline to miss on a busy machine
+        (a 2 s poll failed once under load), only a generous upper bound."""
+        for _ in range(int(limit / 0.02)):
+            if done():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"not written within {limit} s")
+
     async def scenario() -> None:
         by_size = _LogBuffer(DecisionLog(tmp_path / "a"), "bundle-x", 0.05, 4, _Metrics(0.05))
         by_size.start(asyncio.get_running_loop(), 600.0)
         by_size.add(batch(5, "a"), datetime.now(timezone.utc))   # over 4 rows: written now
-        for _ in range(100):
-            if parts(tmp_path / "a"):
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: by_size.written == 5)  # long before the 600 s timer
         assert len(parts(tmp_path / "a")) == 1
         by_size.add(batch(2, "b"), datetime.now(timezone.utc))   # under 4 rows: waits
         await asyncio.sleep(0.1)
@@ -453,12 +459,9 @@ def test_log_buffer_writes_by_size_by_time_and_on_stop(tmp_path):
 
         by_time = _LogBuffer(DecisionLog(tmp_path / "b"), "bundle-x", 0.05, 1000, _Metrics(0.05))
         by_time.start(asyncio.get_running_loop(), 0.05)
-        by_time.add(batch(3, "c"), datetime.now(timezone.utc))
-        for _ in range(100):
-            if parts(tmp_path / "b"):
-                break
-            await asyncio.sleep(0.02)
-        assert by_time.written == 3
+        by_time.add(batch(3, "c"), datetime.now(timezone.utc))   # under 1000 rows: by age
+        await until(lambda: by_time.written == 3)
+        assert len(parts(tmp_path / "b")) == 1
         await by_time.stop()
 
     asyncio.run(scenario())

@@ -5,8 +5,6 @@ export) in one session run per batch; `export_onnx` writes a torch module to .on
 """
 from __future__ import annotations
 
-import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,15 +12,15 @@ import onnx
 
 import verifier.probe.onnx_graph as og
 from verifier.probe.base import ProbeError, ProbeResult
+from verifier.probe.onnx_files import OPSET, export_onnx, file_key, load_model
 from verifier.probe.onnx_precision import to_double
 from verifier.spec import ModelSpec, model_fingerprint
 
 __all__ = ["OnnxProbe", "export_onnx", "load_analysed", "file_key", "GRADIENT_METHODS", "OPSET"]
 
+
 #: values `OnnxProbe(gradient=...)` accepts; "auto" picks exact where the tail allows it
 GRADIENT_METHODS = ("auto", "exact-gap-linear", "finite-difference")
-#: ONNX opset used for exports
-OPSET = 17
 #: finite-difference step relative to the RMS of each image's target activation, by the
 #: precision the tail runs in (float64 where onnxruntime has float64 kernels for every tail op)
 DEFAULT_REL_EPS = {"float64": 1e-6, "float32": 3e-3}
@@ -64,7 +62,7 @@ class OnnxProbe:
         self.fingerprint = model_fingerprint(spec)
         self.providers = _providers(device)
         self.threads = threads
-        model = _load_model(spec)
+        model = load_model(spec)
         info = og.analyse(model)
         self.input_name = info.input_name
         self.logits_name = info.logits_name
@@ -219,40 +217,6 @@ class OnnxProbe:
         return (y[:, 0] - y[:, 1]) / (2.0 * eps.astype(np.float64)[:, None] * h * w)
 
 
-def export_onnx(module: Any, spec: ModelSpec, path: str | Path) -> Path:
-    """Export a torch module (eval mode) to `path` as ONNX with a dynamic batch axis.
-
-    The dummy input is (1, spec.channels, *spec.size); input `input`, output `logits`.
-    The module's train/eval mode is restored afterwards.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = _export_bytes(module, spec)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
-
-
-def _export_bytes(module: Any, spec: ModelSpec) -> bytes:
-    import torch
-
-    was_training = bool(getattr(module, "training", False))
-    try:
-        params = list(module.parameters())
-        dev = params[0].device if params else torch.device("cpu")
-        dummy = torch.zeros(1, spec.channels, *spec.size, device=dev)
-        module.eval()
-        buf = io.BytesIO()
-        with torch.no_grad():
-            torch.onnx.export(module, dummy, buf, dynamo=False, opset_version=OPSET,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        return buf.getvalue()
-    finally:
-        module.train(was_training)
-
-
 def _providers(device: str | None) -> list[str]:
     import onnxruntime as ort
 
@@ -270,49 +234,11 @@ def _providers(device: str | None) -> list[str]:
 def load_analysed(spec: ModelSpec, providers: list[str]) -> tuple[onnx.ModelProto, og.GraphInfo]:
     """The spec's model (ONNX, or TorchScript exported in memory) and its graph index, with
     intermediate shapes filled by one zero batch when shape inference left them unknown."""
-    model = _load_model(spec)
+    model = load_model(spec)
     info = og.analyse(model)
     if not og.spatial_candidates(info):
         info = _shapes_from_dummy_run(info, spec, providers)
     return model, info
-
-
-def file_key(spec: ModelSpec, *extra: object) -> tuple:
-    """A cache key for what is loaded from the spec's file: its identity (path, size, mtime),
-    the input geometry and `extra` (the layers asked for, ...)."""
-    assert spec.path is not None
-    st = spec.path.stat()
-    return (str(spec.path.resolve()), st.st_size, st.st_mtime_ns, spec.channels, spec.size,
-            *extra)
-
-
-def _load_model(spec: ModelSpec) -> onnx.ModelProto:
-    assert spec.path is not None
-    if spec.backend == "torchscript":
-        return _torchscript_to_onnx(spec)
-    try:
-        model = onnx.load(str(spec.path))
-        # the in-memory checker refuses protos over 2 GB; the path form handles external data
-        onnx.checker.check_model(model if model.ByteSize() < (1 << 31) - 1 else str(spec.path))
-    except Exception as e:
-        raise ProbeError(f"{spec.path}: not a valid ONNX model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
-    return model
-
-
-def _torchscript_to_onnx(spec: ModelSpec) -> onnx.ModelProto:
-    import torch
-
-    try:
-        module = torch.jit.load(str(spec.path), map_location="cpu")
-    except Exception as e:
-        raise ProbeError(f"{spec.path}: not a loadable TorchScript file ({e})") from None
-    try:
-        data = _export_bytes(module, spec)
-    except Exception as e:
-        raise ProbeError(f"{spec.path}: TorchScript model could not be exported to ONNX "
-                         f"for probing ({type(e).__name__}: {e})") from None
-    return onnx.load_from_string(data)
 
 
 def _session(model: onnx.ModelProto, providers: list[str], what: str,
