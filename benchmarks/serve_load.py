@@ -40,6 +40,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch/BLAS threads in both processes")
     ap.add_argument("--levels", default="1,8,32", help="concurrency levels, comma-separated")
     ap.add_argument("--rounds", type=int, default=2, help="runs per level, each after an in-process run")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for `verifier serve` (repeat), e.g. --serve-arg=--gate-processes=0")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -78,7 +80,8 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
                     "python": platform.python_version()},
         "model": "SmallCNN (MNIST, 28x28 gray), ONNX backend; PNG files of real digits",
-        "server": {"max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "exit_code": rc},
+        "server": {"max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "exit_code": rc,
+                   "extra_args": args.serve_arg},
         "in_process_images_per_s": statistics.median(inproc_runs),
         "levels": levels,
         "malformed": malformed,
@@ -141,19 +144,34 @@ def _in_process(gate, files: list[Path]) -> tuple[float, float]:
 
 
 def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc; NaN elsewhere)."""
+    """User + system CPU seconds of a process and its live child processes (the server's gate
+    processes), from Linux /proc; NaN elsewhere."""
     try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        stats = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                stats[int(d.name)] = (int(f[1]), int(f[11]) + int(f[12]))  # ppid, utime + stime
     except OSError:
         return float("nan")
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    if pid not in stats:
+        return float("nan")
+    tree, total = [pid], 0
+    while tree:
+        p = tree.pop()
+        total += stats[p][1]
+        tree += [c for c, (ppid, _) in stats.items() if ppid == p]
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _start(bundle: Path, port: int, log: Path, args: argparse.Namespace) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "verifier.cli.main", "serve", "--bundle", str(bundle), "--port", str(port),
          "--log", str(log), "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
-         "--queue", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--queue", "512", *args.serve_arg], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
