@@ -16,7 +16,8 @@ from verifier.probe.onnx_files import OPSET, export_onnx, file_key, load_model
 from verifier.probe.onnx_precision import to_double
 from verifier.spec import ModelSpec, model_fingerprint
 
-__all__ = ["OnnxProbe", "export_onnx", "load_analysed", "file_key", "GRADIENT_METHODS", "OPSET"]
+__all__ = ["OnnxProbe", "export_onnx", "load_analysed", "file_key", "check_batch", "pick_classes",
+           "GRADIENT_METHODS", "OPSET"]
 
 
 #: values `OnnxProbe(gradient=...)` accepts; "auto" picks exact where the tail allows it
@@ -125,7 +126,7 @@ class OnnxProbe:
         By default each map explains the argmax over the spec's real classes (the
         garbage output excluded), as the torch backend does.
         """
-        x = self._check_batch(x)
+        x = check_batch(x, self.spec)
         got = self._session.run(self._fetch, {self.input_name: x})
         outs = [got[i] for i in self._slots]
         logits, feats, act, early = (np.asarray(o, dtype=np.float32) for o in outs[:4])
@@ -138,7 +139,7 @@ class OnnxProbe:
                     "\"segmentation\")" if logits.ndim == 4 else "")
             raise ProbeError(f"model output has shape {list(logits.shape)}; expected "
                              f"(N, >= {self.spec.num_classes}) logits{hint}")
-        cls = self._classes(logits, classes)
+        cls = pick_classes(logits, classes, self.spec)
         if self._exact is not None:
             alpha = _exact_alpha(act, self._exact[0], self._exact[1], cls)
         else:
@@ -161,33 +162,9 @@ class OnnxProbe:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward pass only: (N, K_out) float32 logits of preprocessed (N, C, H, W) images."""
-        x = self._check_batch(x)
+        x = check_batch(x, self.spec)
         (out,) = self._session.run([self.logits_name], {self.input_name: x})
         return np.asarray(out, dtype=np.float32)
-
-    def _check_batch(self, x: Any) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        want = (self.spec.channels, *self.spec.size)
-        if x.ndim != 4 or x.shape[1:] != want:
-            raise ProbeError(f"input batch has shape {list(x.shape)}; expected (N, {want[0]}, "
-                             f"{want[1]}, {want[2]}) preprocessed float32")
-        if x.shape[0] == 0:
-            raise ProbeError("input batch is empty")
-        return x
-
-    def _classes(self, logits: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
-        """Requested classes, else the argmax over the real classes (garbage output excluded)."""
-        if classes is None:
-            real = logits[:, :self.spec.num_classes].copy()
-            g = self.spec.garbage_class
-            if g is not None and g < self.spec.num_classes:
-                real[:, g] = -np.inf
-            return real.argmax(axis=1).astype(np.int64)
-        cls = np.asarray(classes, dtype=np.int64).reshape(-1)
-        if cls.shape[0] != logits.shape[0] or cls.min() < 0 or cls.max() >= logits.shape[1]:
-            raise ProbeError(f"classes must be {logits.shape[0]} indices in [0, "
-                             f"{logits.shape[1]}), got {classes!r}")
-        return cls
 
     def _fd_alpha(self, act: np.ndarray, cls: np.ndarray, side: list[Any]) -> np.ndarray:
         """Channel weights (N, C) by central differences along all-ones channel directions."""
@@ -215,6 +192,33 @@ class OnnxProbe:
             y[sl] = out[np.arange(out.shape[0]), cls[img[sl]]]
         y = y.reshape(n, 2, c)
         return (y[:, 0] - y[:, 1]) / (2.0 * eps.astype(np.float64)[:, None] * h * w)
+
+
+def check_batch(x: Any, spec: ModelSpec) -> np.ndarray:
+    """Preprocessed images as contiguous float32 (N, C, H, W) of the spec's geometry, N >= 1."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    want = (spec.channels, *spec.size)
+    if x.ndim != 4 or x.shape[1:] != want:
+        raise ProbeError(f"input batch has shape {list(x.shape)}; expected (N, {want[0]}, "
+                         f"{want[1]}, {want[2]}) preprocessed float32")
+    if x.shape[0] == 0:
+        raise ProbeError("input batch is empty")
+    return x
+
+
+def pick_classes(logits: np.ndarray, classes: np.ndarray | None, spec: ModelSpec) -> np.ndarray:
+    """Requested classes, else the argmax over the real classes (garbage output excluded)."""
+    if classes is None:
+        real = logits[:, :spec.num_classes].copy()
+        g = spec.garbage_class
+        if g is not None and g < spec.num_classes:
+            real[:, g] = -np.inf
+        return real.argmax(axis=1).astype(np.int64)
+    cls = np.asarray(classes, dtype=np.int64).reshape(-1)
+    if cls.shape[0] != logits.shape[0] or cls.min() < 0 or cls.max() >= logits.shape[1]:
+        raise ProbeError(f"classes must be {logits.shape[0]} indices in [0, "
+                         f"{logits.shape[1]}), got {classes!r}")
+    return cls
 
 
 def _providers(device: str | None) -> list[str]:

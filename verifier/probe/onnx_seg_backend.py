@@ -83,12 +83,12 @@ class OnnxSegmentationProbe:
     def run(self, x: np.ndarray, classes: np.ndarray | None = None) -> ProbeResult:
         """One batched pass over preprocessed (N, C, H, W) float32 images; `classes` (N,)
         picks the class whose predicted region each map explains."""
-        x = self._check_batch(x)
+        x = ob.check_batch(x, self.spec)
         got = dict(zip(self._fetch, self._session.run(self._fetch, {self.input_name: x})))
         scores = np.asarray(got[self.logits_name])
         _check_scores(self.spec, scores.shape)
         logits = image_scores(torch.from_numpy(scores), self.spec.background_class).numpy()
-        cls = self._classes(logits, classes)
+        cls = ob.pick_classes(logits, classes, self.spec)
         region = scores.argmax(axis=1) == cls[:, None, None]
         size = scores.shape[2:]
         cam = np.zeros((len(x), *size), dtype=np.float64)
@@ -115,7 +115,7 @@ class OnnxSegmentationProbe:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward pass only: (N, K) float32 image-level scores (`image_scores`)."""
-        x = self._check_batch(x)
+        x = ob.check_batch(x, self.spec)
         (scores,) = self._session.run([self.logits_name], {self.input_name: x})
         _check_scores(self.spec, np.shape(scores))
         return image_scores(torch.from_numpy(np.asarray(scores)),
@@ -154,25 +154,6 @@ class OnnxSegmentationProbe:
             y[sl] = np.einsum("rhw,rhw->r", picked, region[i], dtype=np.float64)
         y = y.reshape(n, 2, c)
         return (y[:, 0] - y[:, 1]) / (2.0 * eps.astype(np.float64)[:, None] * h * w)
-
-    def _check_batch(self, x: Any) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        want = (self.spec.channels, *self.spec.size)
-        if x.ndim != 4 or x.shape[1:] != want:
-            raise ProbeError(f"input batch has shape {list(x.shape)}; expected (N, {want[0]}, "
-                             f"{want[1]}, {want[2]}) preprocessed float32")
-        if x.shape[0] == 0:
-            raise ProbeError("input batch is empty")
-        return x
-
-    def _classes(self, logits: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
-        if classes is None:
-            return logits[:, : self.spec.num_classes].argmax(axis=1).astype(np.int64)
-        cls = np.asarray(classes, dtype=np.int64).reshape(-1)
-        if cls.shape != (logits.shape[0],) or cls.min() < 0 or cls.max() >= logits.shape[1]:
-            raise ProbeError(f"classes must be {logits.shape[0]} indices in [0, "
-                             f"{logits.shape[1]}), got {classes!r}")
-        return cls
 
 
 def _check_scores(spec: ModelSpec, shape: tuple) -> None:
