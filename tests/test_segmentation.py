@@ -350,6 +350,7 @@ def test_file_probe_equals_module_probe(seg_model, seg_onnx, xs, kind):
     assert peak.min() > 0 and np.median(err) < 1e-3 and err.max() < 0.03, err
     one = probe.run(xs[:1], classes=np.array([int(a.cam_class[1])]))  # a chosen class
     assert one.cam_class[0] == a.cam_class[1]
+    assert np.array_equal(probe.features(xs), b.features)  # the garbage head's fast path
 
 
 

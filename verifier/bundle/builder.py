@@ -19,7 +19,7 @@ from calibration.indist import InDistributionConformal
 from reference_maps.canonical import DEFAULT_GRID
 from verifier.bundle.directory import Bundle, check_bundle_out
 from verifier.bundle.passes import BuildEngine, LocalBuild, Scorer, StoreTemplate, to_raw_pixels
-from verifier.probe.base import Probe
+from verifier.probe.base import Probe, probe_features
 from verifier.probe.factory import open_probe
 from verifier.scoring.attention import DEFAULT_METHODS, check_methods
 from verifier.scoring.comparator import Comparator, higher_is_worse, score_family
@@ -181,7 +181,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     n_garbage = 0
     if spec.garbage_class is None:
         n_head = min(max(600, len(feats.array()) // 2), head_samples // 2)
-        g_feats = [probe.run(gx).features for gx in
+        g_feats = [probe_features(probe, gx) for gx in
                    _garbage_batches(pixels.array(), garbage, n_head, seed, spec, batch_size)]
         g_feats = np.concatenate(g_feats)
         n_garbage = len(g_feats)

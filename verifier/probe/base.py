@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["ProbeResult", "Probe", "ProbeError"]
+__all__ = ["probe_features", "ProbeResult", "Probe", "ProbeError"]
 
 
 class ProbeError(RuntimeError):
@@ -68,3 +68,11 @@ class Probe(Protocol):
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward pass only: (N, K_out) logits, no attribution (for counterfactual tests)."""
         ...
+
+
+def probe_features(probe: Probe, x: np.ndarray) -> np.ndarray:
+    """`probe.run(x).features` (the garbage head's input), by the probe's `features(x)` where
+    it has one: a probe whose attention map costs many passes (a segmentation model file)
+    skips it when only the features are wanted."""
+    fast = getattr(probe, "features", None)
+    return fast(x) if callable(fast) else probe.run(x).features

@@ -113,6 +113,13 @@ class OnnxSegmentationProbe:
             block_stats=tuple(np.asarray(got[b]).mean(axis=(2, 3), dtype=np.float64)
                               .astype(np.float32) for b in self.block_layers))
 
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """`run(x).features` (the last decoder layer's channel means) from one forward pass,
+        without the finite differences of the attention map."""
+        x = ob.check_batch(x, self.spec)
+        (act,) = self._session.run([self.decoder[-1]], {self.input_name: x})
+        return np.asarray(act).mean(axis=(2, 3), dtype=np.float64).astype(np.float32)
+
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward pass only: (N, K) float32 image-level scores (`image_scores`)."""
         x = ob.check_batch(x, self.spec)
