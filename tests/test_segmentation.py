@@ -231,6 +231,28 @@ def test_task_mismatch_refused_with_the_shape_found(seg_model, xs):
         attribute(seg_model, xs[:2], "crm")
 
 
+def test_task_mismatch_on_files_refused_with_the_shape_found(seg_onnx, tmp_path):
+    """The gate's probes on model files: a classifier spec on a segmenter's file, and a
+    segmentation spec on a classifier's file, are refused naming the output shape found."""
+    from verifier.examples.zoo import SmallCNN
+    from verifier.probe.base import ProbeError
+    from verifier.probe.factory import open_probe
+    from verifier.probe.onnx_backend import export_onnx
+    from verifier.spec import load_spec
+
+    (seg_onnx / "as_classifier.toml").write_text(
+        SEG_TOML.replace('task = "segmentation"\nbackground_class = 0\n', ""))
+    with pytest.raises(ProbeError, match=r"\[None, 11, 32, 48\].*task = \"segmentation\""):
+        open_probe(load_spec(seg_onnx / "as_classifier.toml"))
+    cnn = SmallCNN().eval()
+    export_onnx(cnn, mnist_spec(cnn), tmp_path / "cls.onnx")
+    (tmp_path / "cls.toml").write_text(
+        '[model]\npath = "cls.onnx"\ntask = "segmentation"\n'
+        'classes = ["0","1","2","3","4","5","6","7","8","9"]\n[input]\nsize = [28, 28]\nchannels = 1\n')
+    with pytest.raises(ProbeError, match=r"segmentation.*shape \(1, 10\).*classifier"):
+        open_probe(load_spec(tmp_path / "cls.toml"))
+
+
 def test_deterministic_and_state_restored(seg_model, xs):
     seg_model.train()
     try:

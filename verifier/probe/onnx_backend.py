@@ -298,8 +298,10 @@ def _check_logits(info: og.GraphInfo, spec: ModelSpec) -> None:
     if shape is None:
         return
     if len(shape) != 2:
+        hint = (" (per-pixel class scores: a segmentation model; set [model] task = "
+                "\"segmentation\")" if len(shape) == 4 else "")
         raise ProbeError(f"model output {info.logits_name!r} has shape {list(shape)}; "
-                         "expected (N, K) logits")
+                         f"expected (N, K) logits{hint}")
     if shape[1] is not None and shape[1] < spec.num_classes:
         raise ProbeError(f"model gives {shape[1]} logits but the spec lists "
                          f"{spec.num_classes} classes")
