@@ -14,7 +14,7 @@ are cached (`--cache`), so a candidate costs seconds.
 from __future__ import annotations
 
 import importlib.util
-import pickle
+import json
 import sys
 import tempfile
 import time
@@ -81,15 +81,43 @@ def collect(seed: int) -> dict:
 
 
 def load(seed: int, cache: Path) -> dict:
-    path = cache / f"ood_choose_seed{seed}.pkl"
-    if path.exists():
-        return pickle.loads(path.read_bytes())
+    """`collect(seed)`, cached as arrays (npz, no pickle) plus a JSON manifest of their layout."""
+    arrays, manifest = cache / f"ood_choose_seed{seed}.npz", cache / f"ood_choose_seed{seed}.json"
+    if arrays.exists() and manifest.exists():
+        with np.load(arrays, allow_pickle=False) as z:
+            return _unflatten(json.loads(manifest.read_text()), dict(z))
     t = time.perf_counter()
     out = collect(seed)
     cache.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(out))
-    print(f"seed {seed}: scored in {time.perf_counter() - t:.0f} s -> {path}", file=sys.stderr)
+    store: dict[str, np.ndarray] = {}
+    layout = _flatten(out, "", store)
+    tmp = arrays.with_suffix(".tmp.npz")
+    np.savez(tmp, **store)
+    tmp.replace(arrays)
+    manifest.write_text(json.dumps(layout))
+    print(f"seed {seed}: scored in {time.perf_counter() - t:.0f} s -> {arrays}", file=sys.stderr)
     return out
+
+
+def _flatten(value: object, key: str, store: dict[str, np.ndarray]) -> object:
+    """JSON layout of nested dicts / lists whose leaves are arrays (moved to `store` by key)
+    or JSON values (kept in the layout)."""
+    if isinstance(value, dict):
+        return {"dict": {k: _flatten(v, f"{key}/{k}", store) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)) and any(isinstance(v, np.ndarray) for v in value):
+        return {"list": [_flatten(v, f"{key}/{i}", store) for i, v in enumerate(value)]}
+    if isinstance(value, np.ndarray):
+        store[key] = value
+        return {"array": key}
+    return {"json": value}
+
+
+def _unflatten(layout: dict, store: dict[str, np.ndarray]) -> object:
+    if "dict" in layout:
+        return {k: _unflatten(v, store) for k, v in layout["dict"].items()}
+    if "list" in layout:
+        return [_unflatten(v, store) for v in layout["list"]]
+    return store[layout["array"]] if "array" in layout else layout["json"]
 
 
 def auroc(ind: np.ndarray, out: np.ndarray) -> float:
