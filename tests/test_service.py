@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -411,6 +412,130 @@ def test_sigterm_answers_in_flight_and_flushes_the_log(server, pngs):
     assert "Traceback" not in server["err"].read_text()
 
 
+def _ready_worker(conn: http.client.HTTPConnection) -> int:
+    conn.request("GET", "/health/ready")
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    assert r.status == 200, body
+    return body["worker"]
+
+
+def _connections_to_each_worker(port: int, workers: int, each: int) -> dict[int, list]:
+    """Keep-alive connections, `each` per worker (the kernel hashes each new connection to one
+    listening worker's socket; /health/ready says which answered). Tries for up to 60 s, so a
+    worker still starting is waited for; once all listen, a worker is missed by 20 tries in a
+    row with probability 2**-20."""
+    found: dict[int, list] = {k: [] for k in range(workers)}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for _ in range(20):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            k = _ready_worker(conn)
+            if len(found[k]) < each:
+                found[k].append(conn)
+            else:
+                conn.close()
+            if all(len(v) == each for v in found.values()):
+                return found
+        time.sleep(0.2)
+    raise AssertionError(f"connections per worker after 60 s: { {k: len(v) for k, v in found.items()} }")
+
+
+def _post_on(conn: http.client.HTTPConnection, path: Path) -> dict:
+    conn.request("POST", "/v1/gate", body=path.read_bytes(),
+                 headers={"Content-Type": "image/png", "X-Filename": path.name})
+    r = conn.getresponse()
+    record = json.loads(r.read())
+    assert r.status == 200, record
+    return record
+
+
+def test_workers_share_the_port_log_metrics_and_review(file_bundle, tmp_path, pngs, odd_pngs):
+    """`--workers 2`: both workers answer on one port with the gate's own decisions; a killed
+    worker is started again; /metrics and /review count every worker's decisions and show every
+    worker's rejected images; the internal route needs the run's secret; SIGTERM stops both with
+    every answered decision in the log, and the private run folder is removed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from verifier.runtime.gatekeeper import Gatekeeper
+
+    run_tmp = tmp_path / "tmp"
+    run_tmp.mkdir()
+    os.environ["TMPDIR"], old_tmp = str(run_tmp), os.environ.get("TMPDIR")
+    try:
+        proc, port, err = _start(file_bundle, tmp_path, "--workers", "2", "--log", str(tmp_path / "log"),
+                                 "--log-flush-s", "600", "--log-flush-rows", "100000", "--review-keep", "8")
+    finally:
+        if old_tmp is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = old_tmp
+    try:
+        assert len(list(run_tmp.glob("verifier-serve-*"))) == 1
+        conns = _connections_to_each_worker(port, 2, 1)
+        # a worker killed outright is started again by the supervisor
+        children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(children) == 2
+        os.kill(children[1], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            time.sleep(0.5)
+            now = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            if len(now) == 2 and children[1] not in now:
+                try:
+                    conns = _connections_to_each_worker(port, 2, 2)
+                    break
+                except (OSError, AssertionError):
+                    pass
+            assert time.monotonic() < deadline, err.read_text()
+        files = pngs[:12] + odd_pngs
+        answered: list[dict] = []
+        for i, path in enumerate(files):  # alternate the workers' connections
+            answered.append(_post_on(conns[i % 2][(i // 2) % 2], path))
+        expected = Gatekeeper.load(file_bundle).gate(files)
+        assert [a["decision"] for a in answered] == [e.decision for e in expected]
+        assert np.allclose([a["p_value"] for a in answered], [e.p_value for e in expected], atol=1e-9)
+        rejected = sum(a["decision"] == "reject" for a in answered)
+        assert rejected >= 6  # the textures and the noise
+        for k in (0, 1):  # either worker tells the whole service's figures
+            conn = conns[k][0]
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+            m = {s.name + "".join(f"|{a}={b}" for a, b in sorted(s.labels.items())): s.value
+                 for fam in text_string_to_metric_families(text) for s in fam.samples}
+            assert m["verifier_requests_total|route=/v1/gate|status=200"] == len(files)
+            assert m["verifier_decisions_total|outcome=reject"] == rejected
+            assert m["verifier_decisions_total|outcome=accept"] == len(files) - rejected
+            assert m["verifier_rejection_rate"] == pytest.approx(rejected / len(files))
+            assert m["verifier_log_pending_rows"] == len(files)
+            conn.request("GET", "/review")
+            page = conn.getresponse().read().decode()
+            assert f'<tr><th>rejected</th><td class="num">{rejected}</td></tr>' in page
+            assert "of each of its 2 workers" in page and 'id="missing"' not in page
+            ids = [int(v) for v in re.findall(r'id="rejected-(\d+)"', page)]
+            assert len(ids) == rejected and {i % 2 for i in ids} == {0, 1}
+        for item in (min(i for i in ids if i % 2 == 0), min(i for i in ids if i % 2 == 1)):
+            status, _, body = _request(port, "GET", f"/review/rejected/{item}")
+            assert status == 200 and any(a["input"] in body.decode() for a in answered
+                                         if a["decision"] == "reject")
+        for headers in ({}, {"X-Verifier-Internal": "guess" * 8}):
+            status, _, _ = _request(port, "GET", "/internal/review", headers=headers)
+            assert status == 404
+    finally:
+        for group in locals().get("conns", {}).values():
+            for c in group:
+                c.close()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=90)
+    assert rc == 0, err.read_text()
+    parts = sorted(tmp_path.glob("log/date=*/part-*.parquet"))
+    assert len(parts) == 2  # one flush per worker, on its graceful stop
+    names = [n for f in parts for n in pq.read_table(f)["input"].to_pylist()]
+    assert sorted(names) == sorted(p.name for p in files)
+    assert not list(run_tmp.glob("verifier-serve-*"))
+    assert "Traceback" not in err.read_text()
+
+
 def _has_playwright() -> bool:
     try:
         import playwright.sync_api  # noqa: F401
@@ -479,9 +604,11 @@ def test_batch_window_closes_once_every_request_is_in():
     from verifier.runtime.decision import Decision
     from verifier.service.batching import _Batcher, _Job
     from verifier.service.config import ServiceConfig
+    from verifier.service.metrics import _Metrics
 
     class Host:  # the part of the service state the batcher reads
         cfg = ServiceConfig(batch_wait_ms=1000, max_batch=8)
+        metrics = _Metrics(0.05)
         inflight = 0
         probe_pool = ThreadPoolExecutor(1)
 
@@ -515,3 +642,26 @@ def test_batch_window_closes_once_every_request_is_in():
     lone = asyncio.run(scenario())
     assert lone < 0.6, lone
     assert passes == [["alone.png"], ["first.png", "late.png"]]
+
+
+def test_review_merge_of_workers():
+    """/review with workers: today's counts summed (a worker still on yesterday's tally adds
+    nothing), recent decisions and rejected images newest first across workers, and a worker
+    that did not answer is counted as missing."""
+    from verifier.service.review_page import merge_review, rejection_rate
+
+    def part(day: str, counts: dict, times: list[str], rejected: list[tuple[int, str]]) -> dict:
+        return {"day": day, "counts": counts,
+                "recent": [{"at": f"{day}T{t}+00:00", "name": t} for t in times],
+                "rejected": [{"id": i, "at": f"{day}T{t}+00:00"} for i, t in rejected]}
+
+    a = part("2026-12-07", {"accept": 90, "reject": 6}, ["10:00:01", "10:00:05"], [(0, "10:00:01")])
+    b = part("2026-12-07", {"accept": 3, "reject": 1, "error": 2}, ["10:00:03"], [(1, "10:00:03"), (3, "09:00:00")])
+    old = part("2026-12-06", {"accept": 500, "reject": 400}, ["23:59:59"], [(5, "23:59:59")])
+    m = merge_review([a, b, old, None], recent_keep=3)
+    assert m["day"] == "2026-12-07"
+    assert m["counts"] == {"accept": 93, "reject": 7, "error": 2}
+    assert rejection_rate(m["counts"]) == pytest.approx(7 / 100)
+    assert [r["name"] for r in m["recent"]] == ["10:00:05", "10:00:03", "10:00:01"]
+    assert [r["id"] for r in m["rejected"]] == [1, 0, 3, 5]
+    assert (m["missing"], m["workers"]) == (1, 4)

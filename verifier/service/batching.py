@@ -72,6 +72,9 @@ class _Batcher:
         self.requests = 0       # requests whose images are all queued or in a pass
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
+        # one of several workers: the queue-depth gauge is a file the scrape sums, set on change
+        # (a single process reads `waiting` when scraped instead)
+        self._depth = state.metrics.queue_depth.set if state.metrics.shared else None
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -91,6 +94,8 @@ class _Batcher:
         self.pending += len(jobs)
         self.waiting += len(jobs)
         self.requests += 1
+        if self._depth is not None:
+            self._depth(self.waiting)
         for j in jobs:
             self._queue.put_nowait(j)
         try:
@@ -124,6 +129,8 @@ class _Batcher:
                     break  # every request the server holds is in: no company is on its way
                 await asyncio.sleep(min(deadline - now, 0.001))
             self.waiting -= len(batch)
+            if self._depth is not None:
+                self._depth(self.waiting)
             try:
                 decisions = await loop.run_in_executor(self.state.probe_pool, self._gate, batch)
             except Exception as e:  # the gate itself failed: every request of the batch learns why

@@ -4,13 +4,17 @@ counts, and the fast path that sends POST /v1/gate straight to its handler.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
 from verifier.service.http import _Body, _drain, _error, _handle_gate
+from verifier.service.peers import INTERNAL_PATH
+from verifier.service.review_page import own_review
 from verifier.service.state import _State
 
 __all__ = ["_Guard"]
@@ -20,7 +24,7 @@ log = logging.getLogger("verifier.service.app")
 #: paths answered without a token (orchestrators probe them)
 _OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
 _ROUTES = ("/v1/gate", "/health/live", "/health/ready", "/metrics", "/openapi.json", "/docs",
-           "/review", "/review/drift")
+           "/review", "/review/drift", INTERNAL_PATH)
 _COOKIE = "verifier_token"
 
 
@@ -48,8 +52,11 @@ class _Guard:
                 status[0] = message["status"]
             await send(message)
 
+        peers = self.state.peers
         try:
-            if self.token is not None and path not in _OPEN_PATHS and not self._authorised(scope):
+            if path == INTERNAL_PATH and peers is not None and peers.authorised(scope["headers"]):
+                await self._internal(scope, receive, counted)
+            elif self.token is not None and path not in _OPEN_PATHS and not self._authorised(scope):
                 await self._refuse(scope, receive, counted)
             elif path == "/v1/gate" and scope["method"] == "POST":
                 await self._gate(scope, receive, counted)
@@ -71,6 +78,12 @@ class _Guard:
             log.exception("unhandled error on POST /v1/gate")
             resp = _error(500, "internal error; the server log has the details")
         await resp(scope, receive, send)
+
+    async def _internal(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """Another worker of this service asks for this one's review data (`verifier.service.peers`)."""
+        part = "counts" if scope.get("query_string", b"") == b"part=counts" else "review"
+        data = await own_review(self.state, part)
+        await Response(json.dumps(data).encode(), media_type="application/json")(scope, receive, send)
 
     def _authorised(self, scope: dict) -> bool:
         assert self.token is not None

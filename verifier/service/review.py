@@ -61,6 +61,11 @@ class _Review:
             n = self.counts["accept"] + self.counts["reject"]
             return self.counts["reject"] / n if n else float("nan")
 
+    def tally(self) -> tuple[date, dict[str, int]]:
+        """Today's date and counts by outcome (a copy)."""
+        with self._lock:
+            return self.day, dict(self.counts)
+
     def snapshot(self) -> tuple[date, dict[str, int], list[tuple[datetime, Decision]], list[_Rejected]]:
         with self._lock:
             return (self.day, dict(self.counts), list(self.recent)[::-1], list(self.rejected)[::-1])

@@ -7,16 +7,28 @@ import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+)
 from pydantic import BaseModel
 
 from verifier.service.guard import _COOKIE
 from verifier.service.http import _error, _handle_gate
-from verifier.service.review_page import latest_drift_report, render_review
+from verifier.service.metrics import CONTENT_TYPE_LATEST
+from verifier.service.review_page import (
+    latest_drift_report,
+    merge_review,
+    own_review,
+    rejection_rate,
+    render_review,
+)
 from verifier.service.state import _State
 
-__all__ = ["DecisionRecord", "ErrorBody", "latest_drift_report", "_add_routes"]
+__all__ = ["DecisionRecord", "ErrorBody", "gather_review", "latest_drift_report", "_add_routes"]
 
 
 class DecisionRecord(BaseModel):
@@ -87,12 +99,18 @@ def _add_routes(app: FastAPI, st: _State) -> None:
         if not st.ready:
             return _error(503, "not ready: the probe is warming up or the service is stopping")
         b = st.gate.bundle
-        return JSONResponse({"status": "ready", "bundle_id": b.bundle_id, "alpha": st.gate.alpha,
-                             "classes": list(b.classes), "max_batch": cfg.max_batch})
+        body = {"status": "ready", "bundle_id": b.bundle_id, "alpha": st.gate.alpha,
+                "classes": list(b.classes), "max_batch": cfg.max_batch}
+        if st.peers is not None:  # which of the workers answered this connection
+            body.update(worker=st.peers.index, workers=st.peers.count)
+        return JSONResponse(body)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
-        return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        rate = None
+        if st.peers is not None:  # workers: the day's rate over all of them
+            rate = rejection_rate((await gather_review(st, "counts"))["counts"])
+        return Response(st.metrics.exposition(rate), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/review", response_class=HTMLResponse, summary="Today's decisions and rejected images")
     async def review(request: Request, token: str | None = None) -> Response:
@@ -100,12 +118,14 @@ def _add_routes(app: FastAPI, st: _State) -> None:
             resp = RedirectResponse("/review", status_code=303)
             resp.set_cookie(_COOKIE, token, httponly=True, samesite="strict")
             return resp
-        html = await asyncio.get_running_loop().run_in_executor(st.probe_pool, render_review, st, None)
+        data = await gather_review(st, "review")
+        html = await asyncio.get_running_loop().run_in_executor(st.probe_pool, render_review, st, data, None)
         return HTMLResponse(html)
 
     @app.get("/review/rejected/{item}", response_class=HTMLResponse, summary="One rejected image")
     async def review_item(item: int) -> Response:
-        html = await asyncio.get_running_loop().run_in_executor(st.probe_pool, render_review, st, item)
+        data = await gather_review(st, "review")
+        html = await asyncio.get_running_loop().run_in_executor(st.probe_pool, render_review, st, data, item)
         if html is None:
             return _error(404, f"rejected image {item} is no longer kept (the last {cfg.review_keep} are)")
         return HTMLResponse(html)
@@ -116,3 +136,11 @@ def _add_routes(app: FastAPI, st: _State) -> None:
         if path is None:
             return _error(404, "no drift report: start the service with --drift-report PATH")
         return FileResponse(path, media_type="text/html")
+
+
+async def gather_review(st: _State, part: str) -> dict[str, Any]:
+    """This worker's review data (`local_review`), merged with every other worker's when the
+    service runs several."""
+    local = await own_review(st, part)
+    others = await st.peers.ask(part) if st.peers is not None else []
+    return merge_review([local, *others], st.cfg.recent_keep)

@@ -14,6 +14,7 @@ from verifier.service.batching import _Batcher
 from verifier.service.config import ServiceConfig
 from verifier.service.log import _LogBuffer
 from verifier.service.metrics import _Metrics
+from verifier.service.peers import Peers
 from verifier.service.review import _Review
 
 __all__ = ["_State"]
@@ -22,9 +23,11 @@ __all__ = ["_State"]
 class _State:
     """What the routes share: the gate, the batcher, the log buffer, metrics and review data."""
 
-    def __init__(self, gate: Gatekeeper, cfg: ServiceConfig) -> None:
-        self.gate, self.cfg = gate, cfg
-        self.metrics = _Metrics(gate.alpha)
+    def __init__(self, gate: Gatekeeper, cfg: ServiceConfig, peers: Peers | None = None) -> None:
+        self.gate, self.cfg, self.peers = gate, cfg, peers
+        # several workers: Prometheus' multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the
+        # supervisor) sums their counters; the day's rejection rate is gathered when scraped
+        self.metrics = _Metrics(gate.alpha, shared=peers is not None)
         self.review = _Review(cfg.review_keep, cfg.recent_keep)
         self.logbuf = _LogBuffer(DecisionLog(cfg.log), gate.bundle.bundle_id, gate.alpha,
                                  cfg.log_rows, self.metrics) if cfg.log else None
@@ -33,8 +36,9 @@ class _State:
         self.batcher = _Batcher(self)
         self.ready = False
         self.inflight = 0
-        self.metrics.rejection_rate.set_function(self.review.rejection_rate)
-        self.metrics.queue_depth.set_function(lambda: self.batcher.waiting)
+        if peers is None:
+            self.metrics.rejection_rate.set_function(self.review.rejection_rate)
+            self.metrics.queue_depth.set_function(lambda: self.batcher.waiting)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

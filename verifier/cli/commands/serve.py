@@ -16,7 +16,11 @@ Bounds: bodies over --max-body-mb get 413, bodies slower than --body-timeout get
 than --queue images waiting get 503 with Retry-After. Binding beyond loopback requires
 --token-file (clients send 'Authorization: Bearer <token>'); without it serve refuses to
 start (exit 2). SIGTERM or Ctrl-C stops gracefully: requests in flight are answered and the
-decision log is flushed. Details: docs/service.md.
+decision log is flushed.
+
+--workers N runs N server processes on the one port (a supervisor starts, restarts and stops
+them): more requests per second where one Python process is the limit. They share the
+decision log folder, /metrics and /review. Details: docs/service.md.
 """
 from __future__ import annotations
 
@@ -58,9 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="drift report HTML (or a folder of them: the newest) linked from /review")
     p.add_argument("--review-keep", type=int, default=24,
                    help="rejected images kept in memory for /review (default 24)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server processes sharing the port (default 1). One process runs HTTP and "
+                        "the gate's scoring under one Python lock; with cores to spare, 2 or more "
+                        "serve more requests per second. They share the log folder, /metrics and "
+                        "/review, and split --queue between them")
     p.add_argument("--probe-threads", type=int, default=None, metavar="N",
-                   help="compute threads of the model's forward pass (default: the CPUs less one, "
-                        "at least 1, left for the event loop; idle ones sleep instead of spinning)")
+                   help="compute threads of the model's forward pass, per worker (default: the "
+                        "CPUs / workers less one, at least 1, left for the event loop; idle ones "
+                        "sleep instead of spinning)")
     p.add_argument("--verify-key", metavar="KEY", help="key file: refuse the bundle unless it is signed by this key (HMAC secret or Ed25519 public key; docs/bundle.md)")
 
 
@@ -84,23 +94,37 @@ def run(args: argparse.Namespace) -> int:
 
     if args.probe_threads is not None and args.probe_threads < 1:
         raise ValueError(f"--probe-threads must be >= 1, got {args.probe_threads}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    threads = args.probe_threads or default_probe_threads(args.workers)
+    # loaded here with one worker or many: a bad bundle, spec or key is refused before any starts
     gate = Gatekeeper.load(args.bundle, spec=load_spec(args.spec) if args.spec else None, alpha=args.alpha,
-                           key=args.verify_key, threads=args.probe_threads or default_probe_threads())
-    print(f"verifier serving bundle {gate.bundle.bundle_id} on http://{args.host}:{args.port} "
-          "(POST /v1/gate; /review, /metrics, /docs); SIGTERM or Ctrl-C stops and flushes the log",
-          file=sys.stderr, flush=True)
+                           key=args.verify_key, threads=threads)
+    workers = f" with {args.workers} workers" if args.workers > 1 else ""
+    announce = (f"verifier serving bundle {gate.bundle.bundle_id} on http://{{host}}:{{port}}{workers} "
+                "(POST /v1/gate; /review, /metrics, /docs); SIGTERM or Ctrl-C stops and flushes the log")
+    if args.workers > 1:
+        from verifier.service.workers import serve_workers
+
+        del gate  # each worker loads its own
+        return serve_workers(args.bundle, cfg, args.workers, args.host, args.port, spec=args.spec,
+                             alpha=args.alpha, key=args.verify_key, threads=threads,
+                             keep_alive_s=args.keep_alive, header_timeout_s=args.header_timeout,
+                             announce=announce)
+    print(announce.format(host=args.host, port=args.port), file=sys.stderr, flush=True)
     serve(gate, cfg, args.host, args.port, keep_alive_s=args.keep_alive,
           header_timeout_s=args.header_timeout)
     return 0
 
 
-def default_probe_threads() -> int:
-    """The CPUs this process may run on, less one for the event loop (HTTP, JSON), at least 1."""
+def default_probe_threads(workers: int = 1) -> int:
+    """The CPUs this process may run on, shared by the workers, less one each for the event
+    loop (HTTP, JSON), at least 1."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 2
-    return max(1, cpus - 1)
+    return max(1, cpus // workers - 1)
 
 
 def _read_token(path: str) -> str:
