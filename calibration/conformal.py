@@ -78,23 +78,33 @@ class ConformalCalibrator:
         counts ties against the input (conservative). pac_delta: calibration-conditional
         p-values (`pac_p_values`) instead; u is then ignored."""
         classes = _check_classes(classes, self.num_classes_)
+        m = len(classes)
+        # the rows of each calibration block, found once for every score: the pooled block,
+        # then each class with enough calibration images of its own
+        pooled_rows = self.uses_pooled_[classes]
+        groups: list[tuple[int | None, np.ndarray]] = []
+        if pooled_rows.any():
+            groups.append((None, np.flatnonzero(pooled_rows)))
+        for k in np.unique(classes[~pooled_rows]):
+            groups.append((int(k), np.flatnonzero((classes == k) & ~pooled_rows)))
+        n = np.where(pooled_rows, int(self.class_counts_.sum()), self.class_counts_[classes])
+        uu = None if u is None else np.asarray(u, dtype=np.float64)
         out: dict[str, np.ndarray] = {}
+        lo, hi = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
         for name, worse_high in self.higher_is_worse.items():
             if name not in scores:
                 raise ValueError(f"scores lack {name!r}")
             s = np.asarray(scores[name], dtype=np.float64)
             if s.shape != classes.shape:
                 raise ValueError(f"score {name!r} has shape {s.shape}, classes {classes.shape}")
-            p = np.empty(len(s), dtype=np.float64)
-            pooled_rows = self.uses_pooled_[classes]
-            uu = None if u is None else np.asarray(u, dtype=np.float64)
-            p[pooled_rows] = _p(self.pooled_[name], s[pooled_rows], worse_high,
-                                None if uu is None else uu[pooled_rows], pac_delta)
-            for k in np.unique(classes[~pooled_rows]):
-                rows = classes == k
-                ref = self.sorted_[name][self.offsets_[name][k]:self.offsets_[name][k + 1]]
-                p[rows] = _p(ref, s[rows], worse_high, None if uu is None else uu[rows], pac_delta)
-            out[name] = p
+            for k, rows in groups:  # two binary searches per block; the rest once for all rows
+                ref = (self.pooled_[name] if k is None
+                       else self.sorted_[name][self.offsets_[name][k]:self.offsets_[name][k + 1]])
+                v = s[rows]
+                lo[rows] = ref.searchsorted(v, side="left")
+                hi[rows] = ref.searchsorted(v, side="right")
+            strict = n - hi if worse_high else lo.copy()
+            out[name] = _p_from_counts(strict, hi - lo, n, s, uu, pac_delta)
         return out
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -142,12 +152,10 @@ def conformal_p_values(sorted_ref: np.ndarray, s: np.ndarray, higher_is_worse: b
     / (n + 1), the smoothed p-value of Vovk et al. (2005), exactly uniform for
     exchangeable data, so P(p <= alpha) = alpha. NaN scores -> 0.
     """
-    strict, ties = _counts(sorted_ref, np.asarray(s, dtype=np.float64), higher_is_worse)
-    if u is None:
-        p = (1.0 + strict + ties) / (len(sorted_ref) + 1.0)
-    else:
-        p = (strict + np.asarray(u, dtype=np.float64) * (1.0 + ties)) / (len(sorted_ref) + 1.0)
-    return np.where(np.isnan(s), 0.0, p)
+    s = np.asarray(s, dtype=np.float64)
+    strict, ties = _counts(sorted_ref, s, higher_is_worse)
+    return _p_from_counts(strict, ties, len(sorted_ref), s,
+                          None if u is None else np.asarray(u, dtype=np.float64), None)
 
 
 def pac_p_values(sorted_ref: np.ndarray, s: np.ndarray, higher_is_worse: bool,
@@ -164,17 +172,11 @@ def pac_p_values(sorted_ref: np.ndarray, s: np.ndarray, higher_is_worse: bool,
     with conformal p-values", calibration-conditional p-values at a fixed level).
     NaN scores -> 0.
     """
-    from scipy.stats import beta
-
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must lie in (0, 1), got {delta}")
-    n = len(sorted_ref)
-    strict, ties = _counts(sorted_ref, np.asarray(s, dtype=np.float64), higher_is_worse)
-    c = (strict + ties).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = beta.ppf(1.0 - delta, c + 1.0, np.maximum(n - c, 1e-300))
-    p = np.where(c >= n, 1.0, p)
-    return np.where(np.isnan(s), 0.0, p)
+    s = np.asarray(s, dtype=np.float64)
+    strict, ties = _counts(sorted_ref, s, higher_is_worse)
+    return _p_from_counts(strict, ties, len(sorted_ref), s, None, delta)
 
 
 def digest_uniforms(rows: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -205,11 +207,25 @@ def _counts(sorted_ref: np.ndarray, s: np.ndarray, higher_is_worse: bool) -> tup
     return strict.astype(np.int64), (hi - lo).astype(np.int64)
 
 
-def _p(ref: np.ndarray, s: np.ndarray, worse_high: bool, u: np.ndarray | None,
-       pac_delta: float | None) -> np.ndarray:
+def _p_from_counts(strict: np.ndarray, ties: np.ndarray, n: np.ndarray | int, s: np.ndarray,
+                   u: np.ndarray | None, pac_delta: float | None) -> np.ndarray:
+    """p-values from #{ref strictly more extreme}, #{ties} and n (each row's block size):
+    `conformal_p_values` (u None: ties against the input; else smoothed) or, with
+    `pac_delta`, `pac_p_values`. NaN scores -> 0."""
     if pac_delta is not None:
-        return pac_p_values(ref, s, worse_high, pac_delta)
-    return conformal_p_values(ref, s, worse_high, u)
+        from scipy.stats import beta
+
+        if not 0.0 < pac_delta < 1.0:
+            raise ValueError(f"delta must lie in (0, 1), got {pac_delta}")
+        c = (strict + ties).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p = beta.ppf(1.0 - pac_delta, c + 1.0, np.maximum(n - c, 1e-300))
+        p = np.where(c >= n, 1.0, p)
+    elif u is None:
+        p = (1.0 + strict + ties) / (n + 1.0)
+    else:
+        p = (strict + u * (1.0 + ties)) / (n + 1.0)
+    return np.where(np.isnan(s), 0.0, p)
 
 
 def _check_classes(classes: np.ndarray, num_classes: int) -> np.ndarray:
