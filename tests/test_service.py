@@ -458,6 +458,7 @@ def test_workers_share_the_port_log_metrics_and_review(file_bundle, tmp_path, pn
     from prometheus_client.parser import text_string_to_metric_families
 
     from verifier.runtime.gatekeeper import Gatekeeper
+    from verifier.service.workers import _exclusive_bind_check
 
     run_tmp = tmp_path / "tmp"
     run_tmp.mkdir()
@@ -472,6 +473,8 @@ def test_workers_share_the_port_log_metrics_and_review(file_bundle, tmp_path, pn
             os.environ["TMPDIR"] = old_tmp
     try:
         assert len(list(run_tmp.glob("verifier-serve-*"))) == 1
+        with pytest.raises(OSError):  # a second service never shares the port (SO_REUSEPORT would)
+            _exclusive_bind_check("127.0.0.1", port)
         conns = _connections_to_each_worker(port, 2, 1)
         # a worker killed outright is started again by the supervisor
         children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]

@@ -55,6 +55,8 @@ def serve_workers(bundle: str | Path, config: ServiceConfig, workers: int, host:
         raise ValueError(f"serve_workers needs at least 2 workers, got {workers}")
     check_bind(host, config)
     try:
+        if port:  # nobody may listen there already: SO_REUSEPORT alone would share the port
+            _exclusive_bind_check(host, port)  # with another service of this user, silently
         holder = reuseport_socket(host, port)
     except OSError as e:
         raise OSError(f"cannot use {host}:{port}: {e.strerror or e}") from None
@@ -161,6 +163,14 @@ class _Supervisor:
                 rc = p.wait()
             code = code or int(rc != 0)
         return code
+
+
+def _exclusive_bind_check(host: str, port: int) -> None:
+    """Raise OSError when host:port is taken (a plain bind, as a single-process server does)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # old connections' TIME_WAIT is fine
+        s.bind((host.strip("[]"), port))
 
 
 def _listening(path: Path) -> bool:
