@@ -121,6 +121,9 @@ def evaluate(d: dict, use: list[str], cand: tuple, reps: int, sets) -> dict:
             z = {k: zmap(c, mats["calibration"][fit], v, cand[0]) for k, v in mats.items()}
         if cand[0] in ("flat", "smooth", "yeojohnson"):
             s = {k: _nlq(v).sum(1) for k, v in z.items()}
+        elif cand[0] == "features_only":  # Fisher over the `features` family (no msp, energy, garbage)
+            cols = [j for j, n in enumerate(use) if n not in ("msp", "energy", "garbage")]
+            s = {k: _nlq(v[:, cols]).sum(1) for k, v in z.items()}
         else:
             _, kind, inner, outer = cand
             z_fit = c._z(mats["calibration"][fit])
@@ -146,6 +149,7 @@ def zmap(c, fit_rows: np.ndarray, x: np.ndarray, how: str) -> np.ndarray:
 
 def candidates() -> dict[str, tuple]:
     out = {"current gate: Fisher over all 12": ("flat",),
+           "Fisher, features family only": ("features_only",),
            "Fisher, Gaussian upper half": ("smooth",),
            "Fisher, Yeo-Johnson z": ("yeojohnson",)}
     for kind in ("2", "3", "2r", "3r", "c0.5", "c0.7", "c0.85"):
@@ -155,12 +159,30 @@ def candidates() -> dict[str, tuple]:
     return out
 
 
+def lambda_sweep(d: dict, lams=(0.0, 0.5, 0.8, 0.9, 1.0)) -> None:
+    """Prototype, not a gate score: the joint block distance minus lambda times its background
+    distance (lambda = 0: absolute, as `feat_joint_mahalanobis`; 1: relative), AUROC per near set."""
+    labels = d["ref_labels"]
+    means, prec, g, gprec = oc._tied(np.hstack(d["ref"]["blocks"]), labels, int(labels.max()) + 1)
+
+    def score(r, lam):
+        x = np.hstack(r["blocks"])
+        diff = x[:, None] - means[None]
+        return np.einsum("nkc,cd,nkd->nk", diff, prec, diff).min(1) - lam * np.einsum("nc,cd,nd->n", x - g, gprec, x - g)
+
+    for lam in lams:
+        ind = score(d["runs"]["id_test"], lam)
+        print(f"joint distance - {lam:.1f} x background: " + " ".join(
+            f"{n[:11]} {oc.auroc(ind, score(d['runs'][n], lam)):.3f}" for n in oc.ood.NEAR))
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, nargs="+", default=[0])
     ap.add_argument("--reps", type=int, default=5, help="random fit splits per candidate")
+    ap.add_argument("--lambda-sweep", action="store_true", help="also the relative/absolute trade-off")
     ap.add_argument("--only", nargs="*", default=None, help="candidates whose name contains one of these")
     ap.add_argument("--cache", type=Path, default=HERE / "results" / "cache")
     args = ap.parse_args(argv)
@@ -179,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and not any(o in name for o in args.only) and not name.startswith("current"):
                 continue
             rows[name] = evaluate(d, use, cand, args.reps, sets)
+        if args.lambda_sweep:
+            lambda_sweep(d)
         print(f"\nseed {seed}  AUROC/FPR95 (mean over {args.reps} fit splits); near = mean of the "
               f"{len(near)} benchmark near sets, syn = mean of {len(syn)} synthetic, far = min AUROC")
         print(f"{'':<36}" + " ".join(f"{n[:11]:>11}" for n in near) + f" {'near':>11} {'syn':>11} {'far':>5}")
