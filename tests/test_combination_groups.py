@@ -47,7 +47,7 @@ def _straightforward(fit: np.ndarray, rows: np.ndarray, sign: list[float], group
 
 
 def test_fisher_groups_statistic_against_a_straightforward_computation(mnist):
-    x, y = mnist
+    x, _ = mnist
     f = _features(x[:700])
     fit, rows = f[:150], np.vstack([f[150:250], 3.0 * f[250:260], -f[260:265]])  # beyond the range too
     worse = [True, False, True, True, False, True]
