@@ -121,6 +121,8 @@ def evaluate(d: dict, use: list[str], cand: tuple, reps: int, sets) -> dict:
             z = {k: zmap(c, mats["calibration"][fit], v, cand[0]) for k, v in mats.items()}
         if cand[0] in ("flat", "smooth", "yeojohnson"):
             s = {k: _nlq(v).sum(1) for k, v in z.items()}
+        elif cand[0] == "oos_groups":  # the gate's "fisher_groups", group tails out of sample
+            s = oos_groups(mats["calibration"][fit], mats, use, [higher_is_worse(n) for n in use])
         elif cand[0] == "features_only":  # Fisher over the `features` family (no msp, energy, garbage)
             cols = [j for j, n in enumerate(use) if n not in ("msp", "energy", "garbage")]
             s = {k: _nlq(v[:, cols]).sum(1) for k, v in z.items()}
@@ -131,6 +133,21 @@ def evaluate(d: dict, use: list[str], cand: tuple, reps: int, sets) -> dict:
             s = grouped(z_fit, z, groups, inner, outer)
         res.append({n: (oc.auroc(s["id_test"], s[n]), oc.fpr95(s["id_test"], s[n])) for n in sets})
     return {n: (float(np.mean([r[n][0] for r in res])), float(np.mean([r[n][1] for r in res]))) for n in sets}
+
+
+def oos_groups(fit_rows: np.ndarray, mats: dict[str, np.ndarray], use: list[str], dirs: list[bool]):
+    """`calibration.indist`'s "fisher_groups" (G2r), but the fit rows' group sums that the group
+    tails are fitted to come out of sample: each half of the fit split scored against the
+    per-score ECDFs of the other half (the gate's are in sample)."""
+    from calibration.indist import InDistributionConformal, _tails
+
+    groups = [1 if n in RELATIVE else 0 for n in use]
+    c = InDistributionConformal("fisher_groups").fit(fit_rows, dirs, use, groups)
+    h = len(fit_rows) // 2
+    a, b = (InDistributionConformal("fisher").fit(part, dirs, groups=groups) for part in (fit_rows[:h], fit_rows[h:]))
+    t = np.vstack([b._group_sums(b._z(fit_rows[:h])), a._group_sums(a._z(fit_rows[h:]))])
+    c.group_ref_, c.group_loc_, c.group_scale_ = _tails(t)
+    return {k: c.score(v) for k, v in mats.items()}
 
 
 def zmap(c, fit_rows: np.ndarray, x: np.ndarray, how: str) -> np.ndarray:
@@ -150,6 +167,7 @@ def zmap(c, fit_rows: np.ndarray, x: np.ndarray, how: str) -> np.ndarray:
 def candidates() -> dict[str, tuple]:
     out = {"current gate: Fisher over all 12": ("flat",),
            "Fisher, features family only": ("features_only",),
+           "G2r Fisher/Fisher, out-of-sample group tails": ("oos_groups",),
            "Fisher, Gaussian upper half": ("smooth",),
            "Fisher, Yeo-Johnson z": ("yeojohnson",)}
     for kind in ("2", "3", "2r", "3r", "c0.5", "c0.7", "c0.85"):
