@@ -25,14 +25,15 @@ import numpy as np
 import torch
 from scipy.special import logsumexp, softmax
 
-from calibration.conformal import conformal_p_values
+from calibration.conformal import conformal_p_values, digest_uniforms
 from calibration.indist import COMBINE_METHODS, InDistributionConformal
 from verifier.bundle.builder import COMBINED_FAMILIES, build_bundle
 from verifier.bundle.directory import Bundle
 from verifier.examples.datasets import OOD_SOURCES, load_mnist, load_sklearn_digits, ood_images
 from verifier.examples.zoo import SmallCNN, mnist_spec, preprocess_uint8, train_classifier
 from verifier.runtime.gatekeeper import Gatekeeper
-from verifier.scoring.comparator import DEPTH_EXTRA, JOINT_SCORES, higher_is_worse, score_family
+from verifier.scoring.comparator import (DEPTH_EXTRA, JOINT_SCORES, combine_group, higher_is_worse,
+                                         score_family)
 
 ALPHA = 0.05
 IN_CLASSES = 6
@@ -65,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     peers = _Peers(model, ref, data["reference"][1])
     scores = {name: peers.scores(r) for name, r in runs.items()}
     names = gate.bundle.score_names
+    round3 = _round3(gate)
     for name, r in runs.items():
         scores[name]["gate"] = -r["p_value"]            # the decision's own p-value
+        scores[name]["gate_round3"] = -round3(r)
         used = [list(names).index(n) for n in gate.bundle.combiner.names_]
         scores[name]["gate_statistic"] = gate.bundle.combiner.score(r["matrix"][:, used])
         scores[name]["old_fused"] = gate.bundle.fusion.score(r["matrix"])
@@ -132,6 +135,20 @@ def _upsample_8x8(img: np.ndarray) -> np.ndarray:
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
+def _round3(gate: Gatekeeper):
+    """The gate of round 3 on the same bundle: plain Fisher over the same scores, fit on the same
+    fit split (its per-score ECDFs are the combiner's sorted columns), conformalised on the same
+    conformal split, the same tie-breaking uniforms: a run's decision p-values before round 4."""
+    b = gate.bundle
+    c = b.combiner
+    old = InDistributionConformal("fisher", guarantee=c.guarantee, delta=c.delta).fit(
+        c.ref_ * c.sign_, c.sign_ > 0, c.names_)
+    old.calibrate(np.column_stack([b.calibration_scores[n] for n in c.names_]), b.calibration_classes,
+                  len(b.classes))
+    used = [list(b.score_names).index(n) for n in c.names_]
+    return lambda r: old.p_values(r["matrix"][:, used], r["pred"], u=r["u"])
+
+
 def _run(gate: Gatekeeper, imgs: np.ndarray) -> dict[str, np.ndarray]:
     x = preprocess_uint8(imgs).numpy()
     parts = [gate.score_batch(x[i:i + 256]) for i in range(0, len(x), 256)]
@@ -140,6 +157,7 @@ def _run(gate: Gatekeeper, imgs: np.ndarray) -> dict[str, np.ndarray]:
             "p_value": np.concatenate([p.p_value for p in parts]),
             "accept": np.concatenate([p.accept for p in parts]),
             "pred": np.concatenate([p.predicted for p in parts]),
+            "u": digest_uniforms(x),
             "logits": np.concatenate([p.result.logits for p in parts]).astype(np.float64),
             "features": np.concatenate([p.result.features for p in parts]).astype(np.float64),
             "blocks": [np.concatenate([p.result.block_stats[b] for p in parts]).astype(np.float64)
@@ -221,7 +239,8 @@ def _combinations(runs, gate: Gatekeeper, names) -> dict[str, dict[str, np.ndarr
     subsets["feat_nojoint"] = [j for j in subsets["feat"] if names[j] not in JOINT_SCORES]
     for sub, cols in subsets.items():
         for method in COMBINE_METHODS:
-            c = InDistributionConformal(method).fit(cal[fit][:, cols], [dirs[j] for j in cols])
+            c = InDistributionConformal(method).fit(cal[fit][:, cols], [dirs[j] for j in cols],
+                                                    groups=[combine_group(names[j]) for j in cols])
             for k, r in runs.items():
                 out[k][f"{method}_{sub}"] = c.score(r["matrix"][:, cols])
     # a larger fit split (half of the calibration images; the conformal split shrinks)
@@ -274,7 +293,7 @@ def _table(scores, runs, sets) -> dict[str, dict[str, dict[str, float]]]:
         ind, cal = scores["id_test"][det], scores["calibration"][det]
         ref = np.sort(cal)
         thr_reject = lambda s: conformal_p_values(ref, s, True) <= ALPHA  # noqa: E731
-        if det == "gate":  # the gate's own decisions
+        if det in ("gate", "gate_round3"):  # the gate's own decisions (and round 3's)
             thr_reject = lambda s: -s <= ALPHA  # noqa: E731  (s = -p_value)
         row = {"id_test": {"frr": float(thr_reject(ind).mean())}}
         for name in sets:

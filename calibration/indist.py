@@ -11,13 +11,17 @@ import numpy as np
 
 from .conformal import GUARANTEES, ConformalCalibrator
 
-__all__ = ["InDistributionConformal", "COMBINE_METHODS", "POOLED"]
+__all__ = ["InDistributionConformal", "COMBINE_METHODS", "POOLED", "ARRAYS_VERSION"]
 
 #: a `min_class_size` no class reaches: one pooled calibration set, the finest p-value grid
 POOLED = 2**62
 
 #: statistics of the k oriented per-score values (see `InDistributionConformal`)
-COMBINE_METHODS = ("fisher", "gaussian", "maxz")
+COMBINE_METHODS = ("fisher", "gaussian", "maxz", "fisher_groups")
+
+#: layout of `to_arrays`: 2 added `groups` and the group tails (`fisher_groups`); arrays
+#: without a `version` are layout 1 and load as one group
+ARRAYS_VERSION = 2
 
 
 class InDistributionConformal:
@@ -35,6 +39,10 @@ class InDistributionConformal:
       clipped below at 0 (being unusually typical is no evidence), with the OAS-shrunk
       covariance of the fit split's z (the Gaussian-copula model of the score vector).
     - "maxz": max_j z_j (a Tippett-type rule).
+    - "fisher_groups": Fisher within each group of scores (`fit`'s `groups`), each group's
+      sum mapped to its own fit-split tail probability Q_g (the same ECDF + Gaussian tail),
+      then Fisher over the groups, sum_g -log Q_g: a group of a few scores weighs as much as
+      a group of many. With one group it is "fisher".
 
     `calibrate` conformalises the statistic on in-distribution rows disjoint from `fit`'s
     (pooled by default: the statistic does not depend on the predicted class, and one
@@ -42,7 +50,9 @@ class InDistributionConformal:
     a class has >= `min_class_size` points if given). `guarantee="pac"` always pools and
     uses calibration-conditional p-values at level `delta`. Learned state: oriented
     sorted fit columns `ref_` (n_fit, k), score names `names_` (k,), tail parameters `tail_loc_`, `tail_scale_` (k,),
-    `z_mean_` (k,), `z_precision_` (k, k), `calibrator_`.
+    `z_mean_` (k,), `z_precision_` (k, k), group labels `groups_` (k,) and, for "fisher_groups",
+    the sorted fit-split group sums `group_ref_` (n_fit, G) and their tails `group_loc_`,
+    `group_scale_` (G,), `calibrator_`.
     """
 
     def __init__(self, method: str = "fisher", min_class_size: int = POOLED,
@@ -58,9 +68,11 @@ class InDistributionConformal:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, features_id: np.ndarray, higher_is_worse: Sequence[bool],
-            names: Sequence[str] | None = None) -> InDistributionConformal:
+            names: Sequence[str] | None = None,
+            groups: Sequence[int] | None = None) -> InDistributionConformal:
         """Learn the per-score transforms from in-distribution rows (n, k) (finite values);
-        `names` (k,) records which scores the columns are (`names_`)."""
+        `names` (k,) records which scores the columns are (`names_`); `groups` (k,) ints put
+        the columns in groups for "fisher_groups" (default: one group)."""
         x = np.asarray(features_id, dtype=np.float64)
         sign = np.where(np.asarray(higher_is_worse, dtype=bool), 1.0, -1.0)
         if x.ndim != 2 or x.shape[1] != len(sign) or len(x) < 10:
@@ -71,12 +83,13 @@ class InDistributionConformal:
         self.names_ = [str(n) for n in (names if names is not None else range(len(sign)))]
         if len(self.names_) != len(sign):
             raise ValueError("names and higher_is_worse differ in length")
-        self.ref_ = np.sort(x * sign, axis=0)
-        upper = self.ref_[len(x) // 2:]
-        self.tail_loc_ = np.median(self.ref_, axis=0)
-        sd = np.sqrt(np.mean((upper - self.tail_loc_) ** 2, axis=0))
-        self.tail_scale_ = np.where(sd > 0, sd, 1.0)
+        self.groups_ = np.zeros(len(sign), dtype=np.int64) if groups is None else \
+            np.asarray(groups, dtype=np.int64).reshape(-1)
+        if len(self.groups_) != len(sign) or (self.groups_ < 0).any():
+            raise ValueError(f"groups must be {len(sign)} non-negative ints, got {groups!r}")
+        self.ref_, self.tail_loc_, self.tail_scale_ = _tails(x * sign)
         z = self._z(x)
+        self.group_ref_, self.group_loc_, self.group_scale_ = _tails(self._group_sums(z))
         self.z_mean_ = np.zeros(x.shape[1])
         self.z_precision_ = np.eye(x.shape[1])
         if self.method == "gaussian":
@@ -93,10 +106,15 @@ class InDistributionConformal:
             raise ValueError(f"features must be (m, {self.ref_.shape[1]}), got {x.shape}")
         bad = np.isnan(x).any(axis=1)
         z = self._z(np.nan_to_num(x))
-        if self.method == "fisher":
+        if self.method == "fisher" or (self.method == "fisher_groups" and self.group_ref_.shape[1] < 2):
             from scipy.stats import norm
 
             out = -norm.logsf(z).sum(axis=1)
+        elif self.method == "fisher_groups":
+            from scipy.stats import norm
+
+            zg = _normal_scores(self._group_sums(z), self.group_ref_, self.group_loc_, self.group_scale_)
+            out = -norm.logsf(zg).sum(axis=1)
         elif self.method == "maxz":
             out = z.max(axis=1)
         else:
@@ -123,7 +141,10 @@ class InDistributionConformal:
     # ------------------------------------------------------------------ persistence
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays (no object dtype, no pickle); `from_arrays` round-trips exactly."""
-        arrays = {"method": np.array(self.method), "guarantee": np.array(self.guarantee),
+        arrays = {"version": np.array(ARRAYS_VERSION), "groups": self.groups_.copy(),
+                  "group_ref": self.group_ref_.copy(), "group_loc": self.group_loc_.copy(),
+                  "group_scale": self.group_scale_.copy(),
+                  "method": np.array(self.method), "guarantee": np.array(self.guarantee),
                   "delta": np.array(self.delta), "min_class_size": np.array(self.min_class_size),
                   "names": np.array(self.names_, dtype=str), "sign": self.sign_.copy(), "ref": self.ref_.copy(),
                   "tail_loc": self.tail_loc_.copy(), "tail_scale": self.tail_scale_.copy(),
@@ -134,13 +155,28 @@ class InDistributionConformal:
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> InDistributionConformal:
-        """Rebuild from `to_arrays()` output (shapes checked)."""
+        """Rebuild from `to_arrays()` output (shapes checked); layout 1 (no `version`: bundles
+        before "fisher_groups") loads as one group and scores as before."""
+        version = int(arrays["version"]) if "version" in arrays else 1
+        if version > ARRAYS_VERSION:
+            raise ValueError(f"in-distribution combiner arrays in layout {version}; this software "
+                             f"reads up to {ARRAYS_VERSION}")
         self = cls(str(arrays["method"]), int(arrays["min_class_size"]),
                    str(arrays["guarantee"]), float(arrays["delta"]))
         for key in ("sign", "ref", "tail_loc", "tail_scale", "z_mean", "z_precision"):
             setattr(self, f"{key}_", np.asarray(arrays[key], dtype=np.float64).copy())
         self.names_ = [str(n) for n in np.asarray(arrays["names"]).reshape(-1)]
         k = len(self.sign_)
+        if version >= 2:
+            self.groups_ = np.asarray(arrays["groups"], dtype=np.int64).reshape(-1).copy()
+            for key in ("group_ref", "group_loc", "group_scale"):
+                setattr(self, f"{key}_", np.asarray(arrays[key], dtype=np.float64).copy())
+        else:  # one group: its tails are never used ("fisher_groups" did not exist)
+            self.groups_ = np.zeros(k, dtype=np.int64)
+            self.group_ref_, self.group_loc_, self.group_scale_ = np.zeros((1, 1)), np.zeros(1), np.ones(1)
+        if len(self.groups_) != k or self.group_ref_.ndim != 2 or \
+                self.group_ref_.shape[1] != len(np.unique(self.groups_)):
+            raise ValueError("in-distribution combiner group arrays have inconsistent shapes")
         if len(self.names_) != k or self.ref_.ndim != 2 or self.ref_.shape[1] != k or self.z_precision_.shape != (k, k):
             raise ValueError("in-distribution combiner arrays have inconsistent shapes")
         cal = {key[4:]: v for key, v in arrays.items() if key.startswith("cal_")}
@@ -151,14 +187,34 @@ class InDistributionConformal:
     # ------------------------------------------------------------------ helpers
     def _z(self, x: np.ndarray) -> np.ndarray:
         """(m, k) raw -> (m, k) normal scores of the in-distribution tail probability."""
+        return _normal_scores(x * self.sign_, self.ref_, self.tail_loc_, self.tail_scale_)
+
+    def _group_sums(self, z: np.ndarray) -> np.ndarray:
+        """(m, k) normal scores -> (m, G) Fisher sums sum_{j in g} -log q_j, groups in label order."""
         from scipy.stats import norm
 
-        o = x * self.sign_
-        n = self.ref_.shape[0]
-        count = np.empty(o.shape, dtype=np.float64)
-        for j in range(o.shape[1]):  # one searchsorted per score column, vectorised over rows
-            count[:, j] = n - np.searchsorted(self.ref_[:, j], o[:, j], side="left")
-        z_ecdf = norm.isf((1.0 + count) / (n + 2.0))  # < 1 even at count = n: finite z
-        # beyond the fit range (count == 0): the Gaussian tail, never below the ECDF's last step
-        z_tail = (o - self.tail_loc_) / self.tail_scale_
-        return np.where(count == 0, np.maximum(z_tail, z_ecdf), z_ecdf)
+        nlq = -norm.logsf(z)
+        return np.column_stack([nlq[:, self.groups_ == g].sum(axis=1) for g in np.unique(self.groups_)])
+
+
+def _tails(oriented: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, k) oriented fit values -> (sorted columns, median, RMS deviation of the upper half
+    from the median (1 where 0)): the ECDF and its Gaussian tail continuation."""
+    ref = np.sort(oriented, axis=0)
+    loc = np.median(ref, axis=0)
+    sd = np.sqrt(np.mean((ref[len(ref) // 2:] - loc) ** 2, axis=0))
+    return ref, loc, np.where(sd > 0, sd, 1.0)
+
+
+def _normal_scores(o: np.ndarray, ref: np.ndarray, loc: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(m, k) oriented values -> (m, k) z = Phi^-1(1 - q), q = (1 + #{ref >= o}) / (n + 2);
+    beyond the fit range the Gaussian tail (o - loc) / scale, never below the ECDF's last step."""
+    from scipy.stats import norm
+
+    n = ref.shape[0]
+    count = np.empty(o.shape, dtype=np.float64)
+    for j in range(o.shape[1]):  # one searchsorted per score column, vectorised over rows
+        count[:, j] = n - np.searchsorted(ref[:, j], o[:, j], side="left")
+    z_ecdf = norm.isf((1.0 + count) / (n + 2.0))  # < 1 even at count = n: finite z
+    z_tail = (o - loc) / scale
+    return np.where(count == 0, np.maximum(z_tail, z_ecdf), z_ecdf)

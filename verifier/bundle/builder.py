@@ -22,7 +22,7 @@ from verifier.bundle.passes import BuildEngine, LocalBuild, Scorer, StoreTemplat
 from verifier.probe.base import Probe, probe_features
 from verifier.probe.factory import open_probe
 from verifier.scoring.attention import DEFAULT_METHODS, check_methods
-from verifier.scoring.comparator import Comparator, higher_is_worse, score_family
+from verifier.scoring.comparator import Comparator, combine_group, higher_is_worse, score_family
 from verifier.scoring.garbage import GarbageHead, synthetic_garbage
 from verifier.scoring.measures import MEASURES
 from verifier.spec import ModelSpec
@@ -83,7 +83,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                  batch_size: int = 64, seed: int = 0, progress: bool = False,
                  probe: Probe | None = None, head_samples: int = 2000,
                  guarantee: str = "marginal", delta: float = 0.1,
-                 combine_method: str = "fisher",
+                 combine_method: str = "fisher_groups",
                  combine_families: Sequence[str] | None = COMBINED_FAMILIES,
                  overwrite: bool = False, sign_key: Any = None,
                  measures: Sequence[str] | None = None,
@@ -99,6 +99,9 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     garbage head learns from a uniform sample of `head_samples` images' features.
     combine: "indist" (default: `combine_method` fitted on in-distribution scores only,
     `calibration.indist`), "fusion" (logistic regression vs garbage), or a merger name.
+    combine_method: the statistic (`calibration.indist.COMBINE_METHODS`; default
+    "fisher_groups": Fisher within the relative distances and within the other scores, then
+    over the two groups' tail probabilities, `verifier.scoring.comparator.combine_group`).
     combine_families: the score families the "indist" statistic combines (None = all;
     default: feature statistics, the model's output and garbage, chosen by measured
     near-OOD power, docs/gate.md).
@@ -223,7 +226,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
         used = list(range(len(names)))  # a store without depth features: combine every score
     combiner = InDistributionConformal(combine_method, guarantee=guarantee, delta=delta)
     combiner.fit(matrix[fit_idx][:, used], [directions[names[j]] for j in used],
-                 [names[j] for j in used])
+                 [names[j] for j in used], [combine_group(names[j]) for j in used])
     combiner.calibrate(matrix[conf_idx][:, used], pred[conf_idx], spec.num_classes)
     conf_scores = {k: v[conf_idx] for k, v in scores.items()}
     calibrator = ConformalCalibrator(directions).fit(conf_scores, pred[conf_idx], spec.num_classes)

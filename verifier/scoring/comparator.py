@@ -21,7 +21,7 @@ from verifier.scoring.attention import score_prefix
 from verifier.scoring.measures import MEASURES, compare_maps, measure_direction
 
 __all__ = ["Comparator", "ATTENTION_MEASURES", "FAMILIES", "score_family", "higher_is_worse",
-           "depth_scores"]
+           "depth_scores", "combine_group", "RELATIVE_SCORES"]
 
 #: families of checks, in the order `reasons` names them
 FAMILIES: tuple[str, ...] = ("garbage", "attention", "early_features", "features", "output")
@@ -33,6 +33,10 @@ DEPTH_EXTRA: tuple[str, ...] = ("penultimate_relative_mahalanobis", "feat_multil
 #: scores of the joint Gaussian of all conv blocks' channel means (issue 12, third round), where
 #: the store keeps one (`FeatureReference.joint_moments`): a store without it scores none
 JOINT_SCORES: tuple[str, ...] = ("feat_joint_mahalanobis", "feat_joint_relative_mahalanobis")
+
+#: distances relative to one class-agnostic background Gaussian (Ren et al. 2021): the
+#: in-distribution combination's own group (`combine_group`; docs/gate.md, round 4)
+RELATIVE_SCORES: tuple[str, ...] = ("penultimate_relative_mahalanobis", "feat_joint_relative_mahalanobis")
 
 #: the seven built-in measures, in report order: what a bundle without a `measures` list used
 ATTENTION_MEASURES: tuple[str, ...] = ("iou", "dice", "ssim", "cosine", "pearson", "kl", "wasserstein")
@@ -141,6 +145,12 @@ def score_family(name: str) -> str:
     if name in ("msp", "energy"):
         return "output"
     return "attention"
+
+
+def combine_group(name: str) -> int:
+    """The group of a score in the "fisher_groups" combination: 1 for the relative distances
+    (`RELATIVE_SCORES`), 0 for every other score."""
+    return 1 if name in RELATIVE_SCORES else 0
 
 
 def higher_is_worse(name: str) -> bool:
