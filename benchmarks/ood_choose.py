@@ -231,13 +231,18 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = evaluate(d, extra, use, stat, src, args.reps, sets)
         print(f"\nseed {seed}   AUROC/FPR95; near = mean of {len(near)} benchmark near-OOD sets, "
               f"syn = mean of {len(SYN)} synthetic sets, far = min AUROC over {len(FAR)}")
-        print(f"{'':<42}" + " ".join(f"{n[:13]:>13}" for n in near) + f" {'near':>13} {'syn':>13} {'far':>6}")
-        for name, r in rows.items():
-            m = [np.mean([r[n][i] for n in near]) for i in (0, 1)]
-            s = [np.mean([r[n][i] for n in SYN]) for i in (0, 1)]
-            print(f"{name[:44]:<44}" + " ".join(f"{r[n][0]:.3f}/{r[n][1]:.3f}" for n in near)
-                  + f" {m[0]:.3f}/{m[1]:.3f} {s[0]:.3f}/{s[1]:.3f} {min(r[n][0] for n in FAR):.3f}")
+        print_rows(rows, near, SYN, FAR)
     return 0
+
+
+def print_rows(rows: dict, near: list[str], syn: list[str], far: list[str], width: int = 44) -> None:
+    """One line per candidate: AUROC/FPR95 per near set, the near and synthetic means, far min."""
+    print(f"{'':<{width}}" + " ".join(f"{n[:11]:>11}" for n in near) + f" {'near':>11} {'syn':>11} {'far':>5}")
+    for name, r in rows.items():
+        m = [np.mean([r[n][i] for n in near]) for i in (0, 1)]
+        s = [np.mean([r[n][i] for n in syn]) for i in (0, 1)]
+        print(f"{name[:width]:<{width}}" + " ".join(f"{r[n][0]:.3f}/{r[n][1]:.3f}"[:11].rjust(11) for n in near)
+              + f" {m[0]:.3f}/{m[1]:.3f} {s[0]:.3f}/{s[1]:.3f} {min(r[n][0] for n in far):.3f}")
 
 
 if __name__ == "__main__":

@@ -223,12 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda_sweep(d)
         print(f"\nseed {seed}  AUROC/FPR95 (mean over {args.reps} fit splits); near = mean of the "
               f"{len(near)} benchmark near sets, syn = mean of {len(syn)} synthetic, far = min AUROC")
-        print(f"{'':<36}" + " ".join(f"{n[:11]:>11}" for n in near) + f" {'near':>11} {'syn':>11} {'far':>5}")
-        for name, r in rows.items():
-            m = [np.mean([r[n][i] for n in near]) for i in (0, 1)]
-            s = [np.mean([r[n][i] for n in syn]) for i in (0, 1)]
-            print(f"{name[:36]:<36}" + " ".join(f"{r[n][0]:.3f}/{r[n][1]:.3f}"[:11].rjust(11) for n in near)
-                  + f" {m[0]:.3f}/{m[1]:.3f} {s[0]:.3f}/{s[1]:.3f} {min(r[n][0] for n in far):.3f}")
+        oc.print_rows(rows, near, syn, far, width=36)
     return 0
 
 
