@@ -7,9 +7,13 @@ groups are merged by their minimum (Tippett) or by Fisher. Groupings: "2" (seman
 covariate) and "3" (output / penultimate / blocks), fixed before any figure was seen;
 "2r" and "3r" (the two relative distances as one group), defined after the component
 AUROCs of seeds 0-3 had been printed; "c<t>" clusters of correlated scores found on the
-fit split (in-distribution only). Also two smoother per-score tail maps. Candidates are
-fitted on random thirds of the calibration images, as in `benchmarks/ood_choose.py`
-(same cached score matrices, same sets, same metrics).
+fit split (in-distribution only). Also two smoother per-score tail maps. For the two-digit
+mix (declared before their figures, chosen on seeds 0-3, confirmed on 4-7): the peer's
+multi-layer formula in the gate's column, sums of normal scores inside the groups, a
+class-side / distribution-side grouping ("2s", "3s") and two early scores in the second
+group (docs/gate.md, "The two-digit mix"). Candidates are fitted on random thirds of the
+calibration images, as in `benchmarks/ood_choose.py` (same cached score matrices, same
+sets, same metrics).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ood_groups.py --seed 0
 """
@@ -33,6 +37,9 @@ PENULTIMATE = ("penultimate_mahalanobis", "penultimate_relative_mahalanobis", "k
 #: a second partition, chosen after the component AUROCs (the relative scores carry new classes)
 RELATIVE = ("penultimate_relative_mahalanobis", "feat_joint_relative_mahalanobis")
 WEAK_OUTPUT = ("knn", "msp", "energy", "garbage")
+#: the two-digit-mix round: what tells the classes apart (the head's output and the relative
+#: distances) / what describes the whole feature distribution (absolute distances, knn, garbage)
+CLASS_SIDE = (*RELATIVE, "msp", "energy")
 
 
 def groups_of(names: list[str], kind: str) -> list[list[int]]:
@@ -47,6 +54,10 @@ def groups_of(names: list[str], kind: str) -> list[list[int]]:
         parts = [RELATIVE]
     elif kind == "3r":
         parts = [RELATIVE, WEAK_OUTPUT]
+    elif kind == "2s":
+        parts = [CLASS_SIDE]
+    elif kind == "3s":
+        parts = [RELATIVE, ("msp", "energy")]
     else:
         raise ValueError(kind)
     out = [[j for j, n in enumerate(names) if n in p] for p in parts]
@@ -83,7 +94,10 @@ def redundancy_weights(z_fit: np.ndarray) -> np.ndarray:
 
 INNER = {"fisher": lambda z, w: _nlq(z).sum(1),
          "tippett": lambda z, w: z.max(1),
-         "wfisher": lambda z, w: (_nlq(z) * w).sum(1)}
+         "wfisher": lambda z, w: (_nlq(z) * w).sum(1),
+         # the two-digit-mix round: sums of normal scores, the dense-signal statistics
+         "stouffer": lambda z, w: z.sum(1),
+         "stouffer_pos": lambda z, w: np.maximum(z, 0.0).sum(1)}
 
 
 def grouped(z_fit: np.ndarray, z_all: dict[str, np.ndarray], groups: list[list[int]],
@@ -110,7 +124,14 @@ def evaluate(d: dict, use: list[str], cand: tuple, reps: int, sets) -> dict:
     from verifier.scoring.comparator import higher_is_worse
 
     names = d["names"]
+    if cand[0] == "plus":  # more of the bundle's scores in the combination (in the last group)
+        use, cand = [*use, *cand[1]], cand[2:]
     mats = {k: r["matrix"][:, [names.index(c) for c in use]] for k, r in d["runs"].items()}
+    if cand[0] == "peer_ml":  # the peer's multi-layer formula in place of the gate's column
+        j = use.index("feat_multilayer_mahalanobis")
+        for k, m in mats.items():
+            m[:, j] = d["peers"][k]["multi_layer_maha"]  # fancy indexing made m a copy
+        cand = cand[1:]
     ncal = len(mats["calibration"])
     res = []
     for rep in range(reps):
@@ -165,11 +186,24 @@ def zmap(c, fit_rows: np.ndarray, x: np.ndarray, how: str) -> np.ndarray:
 
 
 def candidates() -> dict[str, tuple]:
-    out = {"current gate: Fisher over all 12": ("flat",),
+    out = {"round 3: Fisher over all 12": ("flat",),
            "Fisher, features family only": ("features_only",),
            "G2r Fisher/Fisher, out-of-sample group tails": ("oos_groups",),
            "Fisher, Gaussian upper half": ("smooth",),
            "Fisher, Yeo-Johnson z": ("yeojohnson",)}
+    # the two-digit-mix round (declared before its figures): the peer's multi-layer column, and
+    # sums of normal scores inside the groups (evidence spread over many correlated scores)
+    out["peer multi-layer column, Fisher over all 12"] = ("peer_ml", "flat")
+    out["peer multi-layer column, G2r fisher/fisher"] = ("peer_ml", "group", "2r", "fisher", "fisher")
+    for inner in ("stouffer", "stouffer_pos"):
+        out[f"G2r {inner} within, fisher across"] = ("group", "2r", inner, "fisher")
+    for kind, inner in (("2s", "fisher"), ("2s", "stouffer"), ("3s", "fisher")):
+        out[f"G{kind} {inner} within, fisher across"] = ("group", kind, inner, "fisher")
+    early2 = ("early_wasserstein", "early_mahalanobis")
+    out["G2r fisher/fisher + early_wasserstein, early_mahalanobis"] = ("plus", early2, "group", "2r", "fisher", "fisher")
+    out["Fisher over all 12 + early_wasserstein, early_mahalanobis"] = ("plus", early2, "flat")
+    early = ("early_iou", "early_dice", "early_ssim", "early_cosine", "early_pearson", "early_kl", *early2)
+    out["G2r fisher/fisher + the early_features family"] = ("plus", early, "group", "2r", "fisher", "fisher")
     for kind in ("2", "3", "2r", "3r", "c0.5", "c0.7", "c0.85"):
         for inner in ("fisher", "tippett", "wfisher"):
             for outer in ("min", "fisher"):
@@ -216,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"peer {p}"] = {n: (oc.auroc(s["id_test"][p], s[n][p]), oc.fpr95(s["id_test"][p], s[n][p]))
                                  for n in sets}
         for name, cand in candidates().items():
-            if args.only and not any(o in name for o in args.only) and not name.startswith("current"):
+            if args.only and not any(o in name for o in args.only) and not name.startswith("round 3"):
                 continue
             rows[name] = evaluate(d, use, cand, args.reps, sets)
         if args.lambda_sweep:
