@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -439,3 +440,45 @@ def test_folder_expansion_and_empty_folder(tmp_path, digits):
         "in/a.png", "in/b/z.png", "in/c.png", "empty"]
     assert all(r.ok for r in recs[:3]) and "no image files" in recs[3].error
     assert {".png", ".dcm", ".npy", ".jpg", ".tif"} <= IMAGE_SUFFIXES
+
+
+_DIGEST_SCRIPT = """
+import sys, numpy as np
+from skimage import data
+from calibration.conformal import hash_rows
+from verifier.data import load_images, EncodedImage, preprocess
+from verifier.spec import ModelSpec
+from PIL import Image
+import io
+imgs = [data.astronaut(), data.coffee(), data.camera(), data.brick()]
+out = []
+for size, c in (((28, 28), 1), ((224, 224), 3), ((97, 61), 3)):
+    spec = ModelSpec(classes=("a", "b"), size=size, channels=c, mean=(0.5,) * c, std=(0.25,) * c,
+                     module=object())
+    x = preprocess([i.astype(np.float32) / 255 for i in imgs], spec)
+    enc = []
+    for k, i in enumerate(imgs):
+        buf = io.BytesIO()
+        Image.fromarray(np.tile(i, (4, 4, 1)) if i.ndim == 3 else np.tile(i, (4, 4))).save(buf, "PNG")
+        enc.append(EncodedImage(f"big{k}.png", buf.getvalue()))  # 2048 px and more: the strip path
+    big = np.stack([r.pixels for r in load_images(enc, spec, workers=1)])
+    out += [int(v) for v in hash_rows(x)] + [int(v) for v in hash_rows(big)]
+print(" ".join(map(str, out)))
+"""
+
+
+def test_preprocessed_pixels_do_not_depend_on_blas_threads():
+    """The tie-breaking uniform is a hash of the preprocessed pixels, so they must be the same
+    bits with 1 or 2 BLAS threads (float32 products differed for downsized images; the resize
+    accumulates in float64 and rounds once). Plain and strip-wise (large image) paths."""
+    import subprocess
+    import sys
+
+    digests = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        run = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        digests.append(run.stdout.split())
+    assert len(digests[0]) == 24 and digests[0] == digests[1]

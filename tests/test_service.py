@@ -497,7 +497,11 @@ def test_workers_share_the_port_log_metrics_and_review(file_bundle, tmp_path, pn
             answered.append(_post_on(conns[i % 2][(i // 2) % 2], path))
         expected = Gatekeeper.load(file_bundle).gate(files)
         assert [a["decision"] for a in answered] == [e.decision for e in expected]
-        assert np.allclose([a["p_value"] for a in answered], [e.p_value for e in expected], atol=1e-9)
+        # the same p-values to the bit's noise: a process with 1 BLAS thread (the workers) and
+        # this one (CI: 2) preprocess to the same pixels, whose hash breaks ties
+        differ = [(a["input"], a["p_value"], e.p_value) for a, e in zip(answered, expected)
+                  if abs(a["p_value"] - e.p_value) > 1e-9]
+        assert not differ, differ
         rejected = sum(a["decision"] == "reject" for a in answered)
         assert rejected >= 6  # the textures and the noise
         for k in (0, 1):  # either worker tells the whole service's figures

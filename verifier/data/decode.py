@@ -14,7 +14,7 @@ import numpy as np
 from verifier.data.dicom import _decode_dicom
 from verifier.data.pixels import (MAX_PIXELS, InputError, _check_geometry, pixels_from_array,
                                   safe_name)
-from verifier.data.preprocess import _LUMA, _bilinear_matrix
+from verifier.data.preprocess import _LUMA, _band, resize_axis
 from verifier.spec import ModelSpec
 
 #: files larger than this are refused before being read
@@ -207,7 +207,7 @@ def _pillow_to_spec(data: bytes, name: str, max_pixels: int, spec: ModelSpec) ->
 def _resize_strips(im: Any, spec: ModelSpec, name: str) -> np.ndarray:
     width, height = im.size
     (h, w), c = spec.size, spec.channels
-    rh, rw = _bilinear_matrix(height, h), _bilinear_matrix(width, w)
+    (starts, weights), cols = _band(height, h), _band(width, w)
     color = im.mode == "RGB"
     k = 3 if color and c == 3 else 1
     acc = np.zeros((k, h, w), dtype=np.float32)
@@ -219,7 +219,14 @@ def _resize_strips(im: Any, spec: ModelSpec, name: str) -> np.ndarray:
             x = np.tensordot(x, _LUMA, axes=([2], [0]))[None] if c == 1 else np.moveaxis(x, -1, 0)
         else:
             x = x[None]
-        acc += rh[:, y0:y1] @ (x @ rw.T)  # (h, s) @ (k, s, w) -> (k, h, w)
+        x = resize_axis(np.ascontiguousarray(x, dtype=np.float32), cols, -1)  # (k, s, w)
+        # each output row takes its inputs that lie in this strip, in the order of `resize`
+        # (columns first, then rows): the same bits as the whole image at once, any threads
+        for j in range(weights.shape[1]):
+            r = starts + j
+            sel = np.flatnonzero((r >= y0) & (r < y1))
+            if len(sel):
+                acc[:, sel, :] += weights[sel, j][:, None] * x[:, r[sel] - y0, :]
     out = np.empty((c, h, w), dtype=np.float32)
     out[:] = acc  # gray replicated to c channels after resizing, as in preprocess
     out -= np.asarray(spec.mean, dtype=np.float32)[:, None, None]
