@@ -472,6 +472,10 @@ def test_workers_share_the_port_log_metrics_and_review(file_bundle, tmp_path, pn
         else:
             os.environ["TMPDIR"] = old_tmp
     try:
+        deadline = time.monotonic() + 60  # every worker up: the supervisor has said so
+        while "verifier serving" not in err.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
+            time.sleep(0.1)
         assert len(list(run_tmp.glob("verifier-serve-*"))) == 1
         with pytest.raises(OSError):  # a second service never shares the port (SO_REUSEPORT would)
             _exclusive_bind_check("127.0.0.1", port)

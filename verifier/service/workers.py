@@ -112,16 +112,16 @@ class _Supervisor:
 
     def _wait_ready(self) -> int:
         """0 once every worker listens on its Unix socket (it has loaded the bundle and warmed
-        its probe), 1 if one exits first or the wait runs out."""
+        its probe), 1 if the wait runs out or a worker keeps dying (one that dies while
+        starting is started again, as later)."""
         deadline = time.monotonic() + _READY_S
         waiting = set(range(self.n))
         while waiting and not self.stop.is_set():
             for k in list(waiting):
                 if self.procs[k].poll() is not None:
-                    log.error("worker %d exited with code %s while starting (its error is above)",
-                              k, self.procs[k].returncode)
-                    return 1
-                if _listening(self.run_dir / f"worker-{k}.sock"):
+                    if self._reap(k):
+                        return 1
+                elif _listening(self.run_dir / f"worker-{k}.sock"):
                     waiting.discard(k)
             if time.monotonic() > deadline:
                 log.error("workers %s not ready within %.0f s", sorted(waiting), _READY_S)
@@ -131,20 +131,28 @@ class _Supervisor:
 
     def _watch(self) -> int:
         """Restart a worker that died; 1 when one keeps dying right after its start."""
-        from prometheus_client import multiprocess
-
         for k, p in list(self.procs.items()):
             if p.poll() is None or self.stop.is_set():
                 continue
-            multiprocess.mark_process_dead(p.pid, str(self.run_dir / "metrics"))
-            quick = time.monotonic() - self.started[k] < _QUICK_S
-            self.quick[k] = self.quick[k] + 1 if quick else 0
-            if self.quick[k] >= _QUICK_TRIES:
-                log.error("worker %d died %d times within %.0f s of starting; stopping the service",
-                          k, _QUICK_TRIES, _QUICK_S)
+            if self._reap(k):
                 return 1
-            log.error("worker %d (pid %d) exited with code %s; starting it again", k, p.pid, p.returncode)
-            self._spawn(k)
+        return 0
+
+    def _reap(self, k: int) -> int:
+        """Worker k has exited: start it again (0), or 1 when it died within _QUICK_S of its
+        start _QUICK_TRIES times in a row (a bad install or bundle: restarting will not help)."""
+        from prometheus_client import multiprocess
+
+        p = self.procs[k]
+        multiprocess.mark_process_dead(p.pid, str(self.run_dir / "metrics"))
+        quick = time.monotonic() - self.started[k] < _QUICK_S
+        self.quick[k] = self.quick[k] + 1 if quick else 0
+        if self.quick[k] >= _QUICK_TRIES:
+            log.error("worker %d died %d times within %.0f s of starting (exit code %s; its error "
+                      "is above); stopping the service", k, _QUICK_TRIES, _QUICK_S, p.returncode)
+            return 1
+        log.error("worker %d (pid %d) exited with code %s; starting it again", k, p.pid, p.returncode)
+        self._spawn(k)
         return 0
 
     def _stop_all(self) -> int:
