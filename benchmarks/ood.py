@@ -27,19 +27,23 @@ from scipy.special import logsumexp, softmax
 
 from calibration.conformal import conformal_p_values, digest_uniforms
 from calibration.indist import COMBINE_METHODS, InDistributionConformal
-from verifier.bundle.builder import COMBINED_FAMILIES, build_bundle
+from verifier.bundle.builder import build_bundle
 from verifier.bundle.directory import Bundle
 from verifier.examples.datasets import OOD_SOURCES, load_mnist, load_sklearn_digits, ood_images
 from verifier.examples.zoo import SmallCNN, mnist_spec, preprocess_uint8, train_classifier
 from verifier.runtime.gatekeeper import Gatekeeper
 from verifier.scoring.comparator import (DEPTH_EXTRA, JOINT_SCORES, combine_group, higher_is_worse,
-                                         score_family)
+                                         is_combined, score_family)
 
 ALPHA = 0.05
 IN_CLASSES = 6
 N_SET = 600
 NEAR = ("held_out_6_9", "sklearn_digits", "rotated_90", "two_digit_mix")
 LABELLED = ("sklearn_digits", "rotated_90")  # shifted but labelled (classes 0-5)
+#: what rounds 1-4 combined (whole families); round 5's default is `COMBINED_SCORES`
+ROUND4_SCORES = ("features", "output", "garbage")
+#: detectors whose decision is the gate's own p-value (thresholded at alpha, not re-calibrated)
+GATES = ("gate", "gate_round4", "gate_round3")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         build_bundle(spec, data["reference"], Path(tmp) / "b", calibration=data["calibration"],
                      alpha=ALPHA, seed=0)
         gate = Gatekeeper(Bundle.load(Path(tmp) / "b", model=model))
+        # round 4's gate: the same build (same splits, same seed) with its statistic and scores
+        build_bundle(spec, data["reference"], Path(tmp) / "b4", calibration=data["calibration"],
+                     alpha=ALPHA, seed=0, combine_method="fisher_groups", combine_scores=ROUND4_SCORES)
+        round4 = Bundle.load(Path(tmp) / "b4", model=model).combiner
     t_build = time.perf_counter() - t0
     sets = _sets(data)
     runs = {name: _run(gate, imgs) for name, (imgs, _) in sets.items()}
@@ -66,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     peers = _Peers(model, ref, data["reference"][1])
     scores = {name: peers.scores(r) for name, r in runs.items()}
     names = gate.bundle.score_names
-    round3 = _round3(gate)
+    round3 = _round3(gate, round4)
+    used4 = [list(names).index(n) for n in round4.names_]
     for name, r in runs.items():
         scores[name]["gate"] = -r["p_value"]            # the decision's own p-value
+        scores[name]["gate_round4"] = -round4.p_values(r["matrix"][:, used4], r["pred"], u=r["u"])
         scores[name]["gate_round3"] = -round3(r)
         used = [list(names).index(n) for n in gate.bundle.combiner.names_]
         scores[name]["gate_statistic"] = gate.bundle.combiner.score(r["matrix"][:, used])
@@ -135,12 +145,11 @@ def _upsample_8x8(img: np.ndarray) -> np.ndarray:
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
-def _round3(gate: Gatekeeper):
-    """The gate of round 3 on the same bundle: plain Fisher over the same scores, fit on the same
-    fit split (its per-score ECDFs are the combiner's sorted columns), conformalised on the same
-    conformal split, the same tie-breaking uniforms: a run's decision p-values before round 4."""
+def _round3(gate: Gatekeeper, c: InDistributionConformal):
+    """The gate of round 3 from round 4's combiner `c` (same build): plain Fisher over the same
+    scores, fit on the same fit split (its per-score ECDFs are the combiner's sorted columns),
+    conformalised on the same conformal split, the same tie-breaking uniforms."""
     b = gate.bundle
-    c = b.combiner
     old = InDistributionConformal("fisher", guarantee=c.guarantee, delta=c.delta).fit(
         c.ref_ * c.sign_, c.sign_ > 0, c.names_)
     old.calibrate(np.column_stack([b.calibration_scores[n] for n in c.names_]), b.calibration_classes,
@@ -231,8 +240,9 @@ def _combinations(runs, gate: Gatekeeper, names) -> dict[str, dict[str, np.ndarr
     out: dict[str, dict[str, np.ndarray]] = {k: {} for k in runs}
     fams = [score_family(n) for n in names]
     subsets = {"all": list(range(len(names))),
-               "feat": [j for j, f in enumerate(fams) if f in COMBINED_FAMILIES],
-               "feat_early": [j for j, f in enumerate(fams) if f in (*COMBINED_FAMILIES, "early_features")]}
+               "feat": [j for j, f in enumerate(fams) if f in ROUND4_SCORES],
+               "feat_early": [j for j, f in enumerate(fams) if f in (*ROUND4_SCORES, "early_features")],
+               "round5": [j for j, n in enumerate(names) if is_combined(n)]}
     # the gate before the relative and multi-layer scores (issue 12, first round)
     subsets["feat_prev"] = [j for j in subsets["feat"] if names[j] not in (*DEPTH_EXTRA, *JOINT_SCORES)]
     # the gate before the joint block Gaussian (issue 12, second round)
@@ -293,7 +303,7 @@ def _table(scores, runs, sets) -> dict[str, dict[str, dict[str, float]]]:
         ind, cal = scores["id_test"][det], scores["calibration"][det]
         ref = np.sort(cal)
         thr_reject = lambda s: conformal_p_values(ref, s, True) <= ALPHA  # noqa: E731
-        if det in ("gate", "gate_round3"):  # the gate's own decisions (and round 3's)
+        if det in GATES:  # the gate's own decisions (and rounds 3 and 4's)
             thr_reject = lambda s: -s <= ALPHA  # noqa: E731  (s = -p_value)
         row = {"id_test": {"frr": float(thr_reject(ind).mean())}}
         for name in sets:

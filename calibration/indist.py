@@ -11,17 +11,21 @@ import numpy as np
 
 from .conformal import GUARANTEES, ConformalCalibrator
 
-__all__ = ["InDistributionConformal", "COMBINE_METHODS", "POOLED", "ARRAYS_VERSION"]
+__all__ = ["InDistributionConformal", "COMBINE_METHODS", "GROUPED_METHODS", "POOLED", "ARRAYS_VERSION"]
 
 #: a `min_class_size` no class reaches: one pooled calibration set, the finest p-value grid
 POOLED = 2**62
 
 #: statistics of the k oriented per-score values (see `InDistributionConformal`)
-COMBINE_METHODS = ("fisher", "gaussian", "maxz", "fisher_groups")
+COMBINE_METHODS = ("fisher", "gaussian", "maxz", "fisher_groups", "stouffer_groups")
 
-#: layout of `to_arrays`: 2 added `groups` and the group tails (`fisher_groups`); arrays
+#: methods that combine within groups of scores first (`fit`'s `groups`)
+GROUPED_METHODS = ("fisher_groups", "stouffer_groups")
+
+#: layout of `to_arrays`: 2 added `groups` and the group tails (`fisher_groups`), 3 the method
+#: `stouffer_groups` (same arrays; software reading up to 2 refuses it by its layout); arrays
 #: without a `version` are layout 1 and load as one group
-ARRAYS_VERSION = 2
+ARRAYS_VERSION = 3
 
 
 class InDistributionConformal:
@@ -43,6 +47,9 @@ class InDistributionConformal:
       sum mapped to its own fit-split tail probability Q_g (the same ECDF + Gaussian tail),
       then Fisher over the groups, sum_g -log Q_g: a group of a few scores weighs as much as
       a group of many. With one group it is "fisher".
+    - "stouffer_groups": the same, but within each group the normal scores are summed
+      (Stouffer), sum_{j in g} z_j, which pools evidence spread thinly over many correlated
+      scores; with one group it is that sum.
 
     `calibrate` conformalises the statistic on in-distribution rows disjoint from `fit`'s
     (pooled by default: the statistic does not depend on the predicted class, and one
@@ -50,7 +57,7 @@ class InDistributionConformal:
     a class has >= `min_class_size` points if given). `guarantee="pac"` always pools and
     uses calibration-conditional p-values at level `delta`. Learned state: oriented
     sorted fit columns `ref_` (n_fit, k), score names `names_` (k,), tail parameters `tail_loc_`, `tail_scale_` (k,),
-    `z_mean_` (k,), `z_precision_` (k, k), group labels `groups_` (k,) and, for "fisher_groups",
+    `z_mean_` (k,), `z_precision_` (k, k), group labels `groups_` (k,) and, for the grouped methods,
     the sorted fit-split group sums `group_ref_` (n_fit, G) and their tails `group_loc_`,
     `group_scale_` (G,), `calibrator_`.
     """
@@ -72,7 +79,7 @@ class InDistributionConformal:
             groups: Sequence[int] | None = None) -> InDistributionConformal:
         """Learn the per-score transforms from in-distribution rows (n, k) (finite values);
         `names` (k,) records which scores the columns are (`names_`); `groups` (k,) ints put
-        the columns in groups for "fisher_groups" (default: one group)."""
+        the columns in groups for the grouped methods (default: one group)."""
         x = np.asarray(features_id, dtype=np.float64)
         sign = np.where(np.asarray(higher_is_worse, dtype=bool), 1.0, -1.0)
         if x.ndim != 2 or x.shape[1] != len(sign) or len(x) < 10:
@@ -110,7 +117,9 @@ class InDistributionConformal:
             from scipy.stats import norm
 
             out = -norm.logsf(z).sum(axis=1)
-        elif self.method == "fisher_groups":
+        elif self.method == "stouffer_groups" and self.group_ref_.shape[1] < 2:
+            out = z.sum(axis=1)
+        elif self.method in GROUPED_METHODS:
             from scipy.stats import norm
 
             zg = _normal_scores(self._group_sums(z), self.group_ref_, self.group_loc_, self.group_scale_)
@@ -190,11 +199,12 @@ class InDistributionConformal:
         return _normal_scores(x * self.sign_, self.ref_, self.tail_loc_, self.tail_scale_)
 
     def _group_sums(self, z: np.ndarray) -> np.ndarray:
-        """(m, k) normal scores -> (m, G) Fisher sums sum_{j in g} -log q_j, groups in label order."""
+        """(m, k) normal scores -> (m, G) group statistics in label order: Stouffer sums
+        sum_{j in g} z_j for "stouffer_groups", else Fisher sums sum_{j in g} -log q_j."""
         from scipy.stats import norm
 
-        nlq = -norm.logsf(z)
-        return np.column_stack([nlq[:, self.groups_ == g].sum(axis=1) for g in np.unique(self.groups_)])
+        terms = z if self.method == "stouffer_groups" else -norm.logsf(z)
+        return np.column_stack([terms[:, self.groups_ == g].sum(axis=1) for g in np.unique(self.groups_)])
 
 
 def _tails(oriented: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -22,15 +22,14 @@ from verifier.bundle.passes import BuildEngine, LocalBuild, Scorer, StoreTemplat
 from verifier.probe.base import Probe, probe_features
 from verifier.probe.factory import open_probe
 from verifier.scoring.attention import DEFAULT_METHODS, check_methods
-from verifier.scoring.comparator import Comparator, combine_group, higher_is_worse, score_family
+from verifier.scoring.comparator import (COMBINED_SCORES, Comparator, combine_group, higher_is_worse,
+                                         is_combined, score_family)
 from verifier.scoring.garbage import GarbageHead, synthetic_garbage
 from verifier.scoring.measures import MEASURES
 from verifier.spec import ModelSpec
 
 __all__ = ["build_bundle", "LabelledData", "BuildReport", "to_raw_pixels", "from_raw_pixels"]
 
-#: families the default in-distribution combination uses (docs/gate.md: measured choice)
-COMBINED_FAMILIES = ("features", "output", "garbage")
 _PIXEL_SAMPLES = 512  # reference images kept (uint8) to make synthetic garbage from
 
 
@@ -83,8 +82,8 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
                  batch_size: int = 64, seed: int = 0, progress: bool = False,
                  probe: Probe | None = None, head_samples: int = 2000,
                  guarantee: str = "marginal", delta: float = 0.1,
-                 combine_method: str = "fisher_groups",
-                 combine_families: Sequence[str] | None = COMBINED_FAMILIES,
+                 combine_method: str = "stouffer_groups",
+                 combine_scores: Sequence[str] | None = COMBINED_SCORES,
                  overwrite: bool = False, sign_key: Any = None,
                  measures: Sequence[str] | None = None,
                  methods: str | Sequence[str] = DEFAULT_METHODS,
@@ -100,11 +99,12 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     combine: "indist" (default: `combine_method` fitted on in-distribution scores only,
     `calibration.indist`), "fusion" (logistic regression vs garbage), or a merger name.
     combine_method: the statistic (`calibration.indist.COMBINE_METHODS`; default
-    "fisher_groups": Fisher within the relative distances and within the other scores, then
-    over the two groups' tail probabilities, `verifier.scoring.comparator.combine_group`).
-    combine_families: the score families the "indist" statistic combines (None = all;
-    default: feature statistics, the model's output and garbage, chosen by measured
-    near-OOD power, docs/gate.md).
+    "stouffer_groups": the normal scores summed within the relative distances and within the
+    other scores, then Fisher over the two groups' tail probabilities,
+    `verifier.scoring.comparator.combine_group`).
+    combine_scores: the score families and single score names the "indist" statistic combines
+    (None = all; default `verifier.scoring.comparator.COMBINED_SCORES`: feature statistics,
+    garbage and two early-map scores, chosen by measured near-OOD power, docs/gate.md).
     guarantee: "marginal" or "pac" (with probability >= 1 - delta over the calibration
     draw, the false-rejection rate is <= alpha); see docs/gate.md.
     `out` must be new or empty, or a bundle to replace with `overwrite` (checked first:
@@ -220,8 +220,7 @@ def build_bundle(spec: ModelSpec, data: Any, out: str | Path, *, calibration: An
     directions = {k: higher_is_worse(k) for k in names}
     fusion = FusedConformal().fit(matrix[fit_idx], neg)
     fusion.calibrate(matrix[conf_idx], pred[conf_idx], spec.num_classes)
-    used = [j for j, k in enumerate(names) if combine_families is None
-            or score_family(k) in combine_families]
+    used = [j for j, k in enumerate(names) if is_combined(k, combine_scores)]
     if not any(score_family(names[j]) == "features" for j in used):
         used = list(range(len(names)))  # a store without depth features: combine every score
     combiner = InDistributionConformal(combine_method, guarantee=guarantee, delta=delta)

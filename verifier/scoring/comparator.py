@@ -21,7 +21,7 @@ from verifier.scoring.attention import score_prefix
 from verifier.scoring.measures import MEASURES, compare_maps, measure_direction
 
 __all__ = ["Comparator", "ATTENTION_MEASURES", "FAMILIES", "score_family", "higher_is_worse",
-           "depth_scores", "combine_group", "RELATIVE_SCORES"]
+           "depth_scores", "combine_group", "RELATIVE_SCORES", "COMBINED_SCORES", "is_combined"]
 
 #: families of checks, in the order `reasons` names them
 FAMILIES: tuple[str, ...] = ("garbage", "attention", "early_features", "features", "output")
@@ -37,6 +37,11 @@ JOINT_SCORES: tuple[str, ...] = ("feat_joint_mahalanobis", "feat_joint_relative_
 #: distances relative to one class-agnostic background Gaussian (Ren et al. 2021): the
 #: in-distribution combination's own group (`combine_group`; docs/gate.md, round 4)
 RELATIVE_SCORES: tuple[str, ...] = ("penultimate_relative_mahalanobis", "feat_joint_relative_mahalanobis")
+
+#: what the default in-distribution combination takes: whole families and single scores
+#: (docs/gate.md, round 5: the deeper feature statistics, the garbage head and the two early-map
+#: scores that carry pixel-level shifts; the output scores and the rest stay reported, not combined)
+COMBINED_SCORES: tuple[str, ...] = ("features", "garbage", "early_wasserstein", "early_mahalanobis")
 
 #: the seven built-in measures, in report order: what a bundle without a `measures` list used
 ATTENTION_MEASURES: tuple[str, ...] = ("iou", "dice", "ssim", "cosine", "pearson", "kl", "wasserstein")
@@ -147,8 +152,14 @@ def score_family(name: str) -> str:
     return "attention"
 
 
+def is_combined(name: str, selection: Sequence[str] | None = COMBINED_SCORES) -> bool:
+    """Whether the in-distribution combination takes score `name`: its family or the name
+    itself is in `selection` (None: every score)."""
+    return selection is None or name in selection or score_family(name) in selection
+
+
 def combine_group(name: str) -> int:
-    """The group of a score in the "fisher_groups" combination: 1 for the relative distances
+    """The group of a score in the grouped combinations ("stouffer_groups", "fisher_groups"): 1 for the relative distances
     (`RELATIVE_SCORES`), 0 for every other score."""
     return 1 if name in RELATIVE_SCORES else 0
 
