@@ -122,6 +122,23 @@ def test_held_out_class_auroc_beats_the_old_fused_score(heldout_setup):
     assert auroc_gate > 0.75  # measured 0.82 with this 3-epoch model (chance is 0.5)
 
 
+def test_default_combination_is_round_5(heldout_setup):
+    """The default statistic (docs/gate.md, round 5): normal scores summed within the relative
+    distances and within the other combined scores; combined are the feature statistics, garbage
+    and two early-map scores, not the output scores (still scored and reported)."""
+    from verifier.scoring.comparator import RELATIVE_SCORES, is_combined
+
+    gate, pool, _ = heldout_setup
+    comb = gate.bundle.combiner
+    assert comb.method == "stouffer_groups"
+    assert comb.names_ == [n for n in gate.bundle.score_names if is_combined(n)]
+    assert {"early_wasserstein", "early_mahalanobis", "garbage", "knn", *RELATIVE_SCORES} <= set(comb.names_)
+    assert not {"msp", "energy", "early_iou", "iou"} & set(comb.names_)
+    assert [comb.groups_[comb.names_.index(n)] for n in RELATIVE_SCORES] == [1, 1]
+    assert int(comb.groups_.sum()) == 2
+    assert {"msp", "energy"} <= set(gate.bundle.score_names)
+
+
 def test_bundle_records_the_guarantee(heldout_setup, mnist, tmp_path):
     """pac mode is stored in the manifest and used by the gate; decisions stay reproducible."""
     import json
