@@ -226,6 +226,33 @@ def test_load_images_from_array(digits):
     assert recs[0].ok and not recs[1].ok and "array[1]" in recs[1].error and "NaN" in recs[1].error
 
 
+@pytest.mark.parametrize("case", ["rgb_same_size", "rgb_resized", "gray_to_rgb", "gray16_resized",
+                                  "gray_trailing_1", "rgba", "rgb_to_gray", "float"])
+def test_array_chunks_equal_image_by_image_bit_for_bit(case, astronaut, camera):
+    """A whole uint8 / uint16 array chunk is converted in one go (fewer copies); its pixels must
+    be the same bits as `pixels_from_array` + `preprocess` image by image (the tie-breaking
+    uniform hashes them), and the chunks it does not take go the per-image way unchanged."""
+    rng = np.random.default_rng(3)
+    rgb = np.stack([astronaut[i * 40:i * 40 + 97, :61] for i in range(5)])  # (5, 97, 61, 3) uint8
+    gray = np.stack([camera[i * 50:i * 50 + 97, :61] for i in range(5)])
+    arr, spec = {
+        "rgb_same_size": (rgb, _spec(size=(97, 61), channels=3, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))),
+        "rgb_resized": (rgb, _spec(size=(28, 40), channels=3, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))),
+        "gray_to_rgb": (gray, _spec(size=(64, 64), channels=3, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))),
+        "gray16_resized": ((gray.astype(np.uint16) * 257 + rng.integers(0, 257, gray.shape)).astype(np.uint16),
+                           _spec(size=(30, 20), mean=(0.3,), std=(0.2,))),
+        "gray_trailing_1": (gray[..., None], _spec(size=(97, 61), mean=(0.3,), std=(0.2,))),
+        "rgba": (np.concatenate([rgb, rgb[..., :1]], axis=-1), _spec(size=(28, 28), channels=3,
+                                                                      mean=(0.5,) * 3, std=(0.25,) * 3)),
+        "rgb_to_gray": (rgb, _spec(size=(28, 28), mean=(0.3,), std=(0.2,))),
+        "float": (gray / 255.0, _spec(size=(28, 28), mean=(0.3,), std=(0.2,))),
+    }[case]
+    got = np.concatenate([x for _, x in iter_batches(arr, spec, batch_size=3)])
+    one_by_one = np.concatenate([preprocess([pixels_from_array(a)], spec) for a in arr])
+    assert got.dtype == np.float32 and got.shape == one_by_one.shape
+    np.testing.assert_array_equal(got.view(np.uint32), one_by_one.view(np.uint32))
+
+
 # ------------------------------------------------------------------ bad inputs in one call
 
 def test_each_bad_input_is_its_own_error_record(tmp_path, digits, camera):

@@ -203,6 +203,18 @@ def test_digest_uniforms_reproducible_and_uniform(mnist):
     np.testing.assert_array_equal(u[100:200], digest_uniforms(x[100:200]))  # batch-independent
     assert kstest(u, "uniform").pvalue > 1e-3
     assert len(np.unique(u)) == len(np.unique(x.reshape(len(x), -1), axis=0))
+    # the whole set goes through the threaded path of `hash_rows`: the same keyed BLAKE2b, written out
+    import hashlib
+
+    from calibration.conformal import _PARALLEL_BYTES, hash_rows
+
+    xf = x.astype(np.float32)  # pixels as the gate hashes them, and enough bytes for the threads
+    assert xf.nbytes > _PARALLEL_BYTES
+    key = (0).to_bytes(8, "little")
+    expected = [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8, key=key).digest(), "little")
+                for r in xf[-50:]]
+    np.testing.assert_array_equal(hash_rows(xf)[-50:], np.array(expected, dtype=np.uint64))
+    np.testing.assert_array_equal(hash_rows(xf)[:100], hash_rows(xf[:100]))  # threaded == one thread
 
 
 def _pixel_features(x: np.ndarray) -> list[np.ndarray]:

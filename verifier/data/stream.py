@@ -16,8 +16,8 @@ import numpy as np
 
 from verifier.data.decode import MAX_FILE_BYTES, _decode_bytes_for_spec, _read_bytes
 from verifier.data.folders import _suffix_list, _walk_images
-from verifier.data.pixels import MAX_PIXELS, InputError, pixels_from_array, safe_name
-from verifier.data.preprocess import preprocess
+from verifier.data.pixels import MAX_PIXELS, InputError, _check_geometry, pixels_from_array, safe_name
+from verifier.data.preprocess import preprocess, resize
 from verifier.spec import ModelSpec
 
 
@@ -188,18 +188,49 @@ def _array_batches(inputs: np.ndarray, spec: ModelSpec, batch_size: int,
     for start in range(0, len(items), batch_size):
         records: list[LoadedImage] = []
         ok: list[np.ndarray] = []
+        whole = _whole_chunk(inputs[start:start + batch_size], spec, max_pixels)
         for source, obj, label, _ in items[start:start + batch_size]:
             digest = "sha256:" + hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()
+            if whole is not None:  # every image of the chunk is valid: converted together below
+                records.append(LoadedImage(source, None, digest, None, label))
+                continue
             try:
                 ok.append(pixels_from_array(obj, max_pixels=max_pixels, name=source))
                 records.append(LoadedImage(source, None, digest, None, label))
             except InputError as e:
                 records.append(LoadedImage(source, None, digest, str(e), label))
-        batch = preprocess(ok, spec) if ok else np.empty((0, c, h, w), dtype=np.float32)
+        if whole is not None:
+            batch = whole
+        else:
+            batch = preprocess(ok, spec) if ok else np.empty((0, c, h, w), dtype=np.float32)
         good = (r for r in records if r.error is None)
         for r, px in zip(good, batch):
             r.pixels = px
         yield records, batch
+
+
+def _whole_chunk(chunk: np.ndarray, spec: ModelSpec, max_pixels: int) -> np.ndarray | None:
+    """A chunk (n, H, W[, 1|3]) of uint8 / uint16 pixels preprocessed in one go: bit for bit
+    what `pixels_from_array` then `preprocess` give image by image (the same elementwise
+    steps in the same order), with three fewer whole-batch copies (a 224 x 224 RGB batch of
+    32: 19 MB each). None where the per-image path must judge or convert each image (other
+    dtypes, alpha, RGB to gray, a refused size), which then runs as before."""
+    x = chunk[..., 0] if chunk.ndim == 4 and chunk.shape[-1] == 1 else chunk
+    if len(x) == 0 or x.dtype not in (np.uint8, np.uint16) or not (
+            x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3 and spec.channels == 3)):
+        return None
+    try:
+        _check_geometry(x.shape[1], x.shape[2], max_pixels, "array")
+    except InputError:
+        return None
+    f = x.astype(np.float32)
+    f /= np.float32(255.0 if x.dtype == np.uint8 else 65535.0)
+    f = f[:, None] if x.ndim == 3 else f.transpose(0, 3, 1, 2)  # (n, 1|3, H, W), a view
+    out = np.empty((len(x), spec.channels, *spec.size), dtype=np.float32)
+    out[:] = resize(f, spec.size)  # the identity at the model's size; gray broadcasts to RGB
+    out -= np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
+    out /= np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
+    return out
 
 
 _Item = tuple[str, "Path | np.ndarray | EncodedImage | None", "int | None", "str | None"]

@@ -95,12 +95,14 @@ class OnnxProbe:
                              else DEFAULT_REL_EPS[self.tail_precision])
         #: output of every conv block (a Conv advanced through its BN/activation), in order
         self.block_layers = og.conv_blocks(info)
+        # their channel means, computed inside the graph (N, C) instead of fetched whole
+        averaged, block_means = og.with_channel_means(model, self.block_layers, info)
         wanted = [self.logits_name, self.features_name or self.target_layer,
-                  self.target_layer, self.early_layer, *self._side, *self.block_layers]
+                  self.target_layer, self.early_layer, *self._side, *block_means]
         self._fetch = list(dict.fromkeys(wanted))  # a tensor can play two roles
         self._slots = [self._fetch.index(w) for w in wanted]
         self._n_side = len(self._side)
-        self._session = _session(og.with_outputs(model, self._fetch, info), self.providers,
+        self._session = _session(og.with_outputs(averaged, self._fetch, info), self.providers,
                                  "model", threads)
         self.target_shape = info.shape(self.target_layer)
         self.early_shape = info.shape(self.early_layer)
@@ -131,8 +133,7 @@ class OnnxProbe:
         outs = [got[i] for i in self._slots]
         logits, feats, act, early = (np.asarray(o, dtype=np.float32) for o in outs[:4])
         side = outs[4:4 + self._n_side]
-        blocks = tuple(np.asarray(o, dtype=np.float32).mean(axis=(2, 3), dtype=np.float64)
-                       .astype(np.float32) for o in outs[4 + self._n_side:])
+        blocks = tuple(np.asarray(o, dtype=np.float32) for o in outs[4 + self._n_side:])
         n = x.shape[0]
         if logits.ndim != 2 or logits.shape[1] < self.spec.num_classes:
             hint = (" (per-pixel class scores: a segmentation model; set [model] task = "

@@ -122,15 +122,17 @@ def depth_scores(store: ReferenceStore, result: ProbeResult) -> dict[str, np.nda
     if len(result.block_stats) != n_blocks:
         raise ValueError(f"the probe exposes {len(result.block_stats)} conv blocks, the reference "
                          f"store {n_blocks}: this bundle was built with another probe layout")
-    out = {f"feat_conv{i + 1}_mahalanobis": feats.mahalanobis(i, result.block_stats[i])
-           for i in range(n_blocks)}
+    blocks = [feats.mahalanobis(i, result.block_stats[i]) for i in range(n_blocks)]
+    out = {f"feat_conv{i + 1}_mahalanobis": d for i, d in enumerate(blocks)}
     out["penultimate_mahalanobis"] = feats.mahalanobis(n_blocks, result.features)
-    out["penultimate_relative_mahalanobis"] = feats.relative_mahalanobis(n_blocks, result.features)
-    out["feat_multilayer_mahalanobis"] = feats.multilayer_mahalanobis(result.block_stats)
+    out["penultimate_relative_mahalanobis"] = feats.relative_mahalanobis(
+        n_blocks, result.features, out["penultimate_mahalanobis"])
+    out["feat_multilayer_mahalanobis"] = feats.multilayer_mahalanobis(result.block_stats, blocks)
     if feats.joint_depth is not None:
         joint = np.hstack([np.asarray(b, dtype=np.float64) for b in result.block_stats])
         out["feat_joint_mahalanobis"] = feats.mahalanobis(feats.joint_depth, joint)
-        out["feat_joint_relative_mahalanobis"] = feats.relative_mahalanobis(feats.joint_depth, joint)
+        out["feat_joint_relative_mahalanobis"] = feats.relative_mahalanobis(
+            feats.joint_depth, joint, out["feat_joint_mahalanobis"])
     out["knn"] = feats.knn_distance(result.features)
     logits = np.asarray(result.logits[:, : len(store.classes)], dtype=np.float64)
     out["msp"] = softmax(logits, axis=1).max(axis=1)
