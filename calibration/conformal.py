@@ -5,8 +5,11 @@ otherwise. Higher p-value = more in-distribution.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -206,18 +209,12 @@ def hash_rows(rows: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 _PARALLEL_BYTES = 4 << 20
-_POOL: list = []
 
 
-def _hash_pool():  # noqa: ANN202 (a concurrent.futures executor, made on first use)
-    """One small thread pool per process for `hash_rows`."""
-    if not _POOL:
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL.append(ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                                        thread_name_prefix="hash_rows"))
-    return _POOL[0]
+@functools.cache
+def _hash_pool() -> ThreadPoolExecutor:
+    """One small thread pool per process for `hash_rows`, made on first use."""
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="hash_rows")
 
 
 def _counts(sorted_ref: np.ndarray, s: np.ndarray, higher_is_worse: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -247,6 +247,11 @@ def test_array_chunks_equal_image_by_image_bit_for_bit(case, astronaut, camera):
         "rgb_to_gray": (rgb, _spec(size=(28, 28), mean=(0.3,), std=(0.2,))),
         "float": (gray / 255.0, _spec(size=(28, 28), mean=(0.3,), std=(0.2,))),
     }[case]
+    from verifier.data.pixels import MAX_PIXELS
+    from verifier.data.stream import _whole_chunk
+
+    # the first five cases take the whole-chunk path, the last three the per-image one
+    assert (_whole_chunk(arr[:3], spec, MAX_PIXELS) is None) == (case in ("rgba", "rgb_to_gray", "float"))
     got = np.concatenate([x for _, x in iter_batches(arr, spec, batch_size=3)])
     one_by_one = np.concatenate([preprocess([pixels_from_array(a)], spec) for a in arr])
     assert got.dtype == np.float32 and got.shape == one_by_one.shape

@@ -122,12 +122,12 @@ def depth_scores(store: ReferenceStore, result: ProbeResult) -> dict[str, np.nda
     if len(result.block_stats) != n_blocks:
         raise ValueError(f"the probe exposes {len(result.block_stats)} conv blocks, the reference "
                          f"store {n_blocks}: this bundle was built with another probe layout")
-    blocks = [feats.mahalanobis(i, result.block_stats[i]) for i in range(n_blocks)]
-    out = {f"feat_conv{i + 1}_mahalanobis": d for i, d in enumerate(blocks)}
+    block_distances = [feats.mahalanobis(i, result.block_stats[i]) for i in range(n_blocks)]
+    out = {f"feat_conv{i + 1}_mahalanobis": d for i, d in enumerate(block_distances)}
     out["penultimate_mahalanobis"] = feats.mahalanobis(n_blocks, result.features)
     out["penultimate_relative_mahalanobis"] = feats.relative_mahalanobis(
         n_blocks, result.features, out["penultimate_mahalanobis"])
-    out["feat_multilayer_mahalanobis"] = feats.multilayer_mahalanobis(result.block_stats, blocks)
+    out["feat_multilayer_mahalanobis"] = feats.multilayer_mahalanobis(result.block_stats, block_distances)
     if feats.joint_depth is not None:
         joint = np.hstack([np.asarray(b, dtype=np.float64) for b in result.block_stats])
         out["feat_joint_mahalanobis"] = feats.mahalanobis(feats.joint_depth, joint)
@@ -161,8 +161,8 @@ def is_combined(name: str, selection: Sequence[str] | None = COMBINED_SCORES) ->
 
 
 def combine_group(name: str) -> int:
-    """The group of a score in the grouped combinations ("stouffer_groups", "fisher_groups"): 1 for the relative distances
-    (`RELATIVE_SCORES`), 0 for every other score."""
+    """The group of a score in the grouped combinations ("stouffer_groups", "fisher_groups"):
+    1 for the relative distances (`RELATIVE_SCORES`), 0 for every other score."""
     return 1 if name in RELATIVE_SCORES else 0
 
 
