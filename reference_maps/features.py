@@ -15,8 +15,9 @@ __all__ = ["FeatureReference", "DEFAULT_BANK_SIZE", "KNN_K", "JOINT_MAX_DIM"]
 
 DEFAULT_BANK_SIZE = 4096
 KNN_K = 50
-#: the joint (all conv blocks concatenated) Gaussian is kept when the blocks have at most this
-#: many channels in all: its per-class moments are (K, C, C) float64
+#: the joint (all conv blocks concatenated) Gaussian is kept when its vector has at most this
+#: many values (channel means, and standard deviations where the probe gives them): its
+#: per-class moments are (K, C, C) float64
 JOINT_MAX_DIM = 1024
 
 
@@ -30,21 +31,26 @@ class FeatureReference:
     order rows arrive in, and the bottom-B of a union is the bottom-B of the parts' samples:
     merging is exact.
 
-    `joint` (default: with two or more conv blocks of at most `JOINT_MAX_DIM` channels in all):
-    also keep per-class moments of the blocks' channel means concatenated (`joint_moments`,
-    depth index `joint_depth`), so one tied Gaussian sees the correlations *between* depths
-    that the per-depth distances and their sum ignore. A reference loaded without them has none.
+    `joint` (default: with two or more conv blocks and a vector of at most `JOINT_MAX_DIM`
+    values): also keep per-class moments of the blocks' channel statistics concatenated
+    (`joint_moments`, depth index `joint_depth`), so one tied Gaussian sees the correlations
+    *between* depths that the per-depth distances and their sum ignore. `joint_std`: that
+    vector holds each block's per-channel spatial standard deviations after its channel means
+    (`joint_vector`); the spread of a channel's activation over the image separates unseen
+    classes and shifted images better than its mean alone (docs/gate.md, round 6). A
+    reference loaded without joint arrays has none; one saved before round 6 has means only.
     """
 
     def __init__(self, num_classes: int, dims: Sequence[int], bank_size: int = DEFAULT_BANK_SIZE,
-                 seed: int = 0, joint: bool | None = None) -> None:
+                 seed: int = 0, joint: bool | None = None, joint_std: bool = False) -> None:
         if len(dims) < 1:
             raise ValueError("need at least the penultimate features")
         self.num_classes = int(num_classes)
         self.dims = [int(d) for d in dims]
         self.bank_size, self.seed = int(bank_size), int(seed)
         self.moments = [GroupedMoments(self.num_classes, d, full=True) for d in self.dims]
-        width = sum(self.dims[:-1])
+        self.joint_std = bool(joint_std)
+        width = sum(self.dims[:-1]) * (2 if self.joint_std else 1)
         if joint is None:
             joint = len(self.dims) >= 3 and width <= JOINT_MAX_DIM
         self.joint_moments = GroupedMoments(self.num_classes, width, full=True) if joint else None
@@ -52,8 +58,10 @@ class FeatureReference:
         self.bank = np.zeros((0, self.dims[-1]), dtype=np.float32)
         self._cache: dict[int | tuple[str, int], tuple] = {}  # whitenings, null moments
 
-    def update(self, labels: np.ndarray, depths: Sequence[np.ndarray]) -> FeatureReference:
-        """Fold in a batch: labels (N,), depths [(N, C_d) per depth; the last = penultimate]."""
+    def update(self, labels: np.ndarray, depths: Sequence[np.ndarray],
+               block_stds: Sequence[np.ndarray] = ()) -> FeatureReference:
+        """Fold in a batch: labels (N,), depths [(N, C_d) per depth; the last = penultimate];
+        `block_stds` [(N, C_d) per conv block], required with `joint_std`."""
         if len(depths) != len(self.dims):
             raise ValueError(f"expected {len(self.dims)} feature arrays, got {len(depths)}")
         for m, x in zip(self.moments, depths):
@@ -62,7 +70,10 @@ class FeatureReference:
                 raise ValueError(f"features must be finite (N={len(labels)}, {m.dim}), got {x.shape}")
             m.update(labels, x)
         if self.joint_moments is not None:
-            self.joint_moments.update(labels, np.hstack([np.asarray(d, dtype=np.float64) for d in depths[:-1]]))
+            joint = self.joint_vector(depths[:-1], block_stds)
+            if not np.isfinite(joint).all():
+                raise ValueError("block standard deviations must be finite")
+            self.joint_moments.update(labels, joint)
         feats = _normalise(depths[-1])
         from calibration.conformal import hash_rows  # framework-free sibling
 
@@ -72,8 +83,9 @@ class FeatureReference:
 
     def merge(self, other: FeatureReference) -> FeatureReference:
         """Fold in another reference built the same way; exact."""
-        if (other.dims, other.num_classes, other.bank_size, other.seed, other.joint_moments is None) != \
-                (self.dims, self.num_classes, self.bank_size, self.seed, self.joint_moments is None):
+        if (other.dims, other.num_classes, other.bank_size, other.seed, other.joint_moments is None,
+                other.joint_std) != (self.dims, self.num_classes, self.bank_size, self.seed,
+                                     self.joint_moments is None, self.joint_std):
             raise ValueError("cannot merge feature references of different shapes or seeds")
         for a, b in zip(self.moments, other.moments):
             a.merge(b)
@@ -86,9 +98,28 @@ class FeatureReference:
     # ------------------------------------------------------------------ scores
     @property
     def joint_depth(self) -> int | None:
-        """The depth index of the joint Gaussian (`mahalanobis(joint_depth, np.hstack(blocks))`),
+        """The depth index of the joint Gaussian (`mahalanobis(joint_depth, joint_vector(...))`),
         None without one."""
         return None if self.joint_moments is None else len(self.dims)
+
+    def joint_vector(self, blocks: Sequence[np.ndarray], stds: Sequence[np.ndarray] = ()) -> np.ndarray:
+        """(N, W) float64 the joint Gaussian's vector: every conv block's (N, C_d) channel means,
+        then (with `joint_std`) every block's (N, C_d) channel standard deviations."""
+        n_blocks = len(self.dims) - 1
+        if len(blocks) != n_blocks:
+            raise ValueError(f"expected {n_blocks} block arrays, got {len(blocks)}")
+        parts = list(blocks)
+        if self.joint_std:
+            if len(stds) != n_blocks:
+                raise ValueError(f"this feature reference's joint Gaussian holds the conv blocks' channel "
+                                 f"standard deviations: expected {n_blocks} arrays of them, got {len(stds)} "
+                                 f"(a probe that does not compute them)")
+            parts += list(stds)
+        out = np.hstack([np.asarray(p, dtype=np.float64) for p in parts])
+        if self.joint_moments is not None and out.shape[1] != self.joint_moments.dim:
+            raise ValueError(f"the joint vector has {out.shape[1]} values, the reference "
+                             f"{self.joint_moments.dim}")
+        return out
 
     def mahalanobis(self, depth: int, x: np.ndarray) -> np.ndarray:
         """(N,) float64 min over classes of the squared Mahalanobis distance of (N, C_d) rows,
@@ -168,6 +199,8 @@ class FeatureReference:
         if self.joint_moments is not None:
             out[f"{prefix}joint_mean"] = self.joint_moments.mean_.copy()
             out[f"{prefix}joint_m2"] = self.joint_moments.m2_.copy()
+            if self.joint_std:
+                out[f"{prefix}joint_std"] = np.array(1, dtype=np.int64)
         return out
 
     @classmethod
@@ -178,7 +211,8 @@ class FeatureReference:
             return None
         dims = [int(d) for d in np.asarray(arrays[f"{prefix}dims"]).reshape(-1)]
         self = cls(num_classes, dims, int(arrays[f"{prefix}bank_size"]), int(arrays[f"{prefix}seed"]),
-                   joint=f"{prefix}joint_mean" in arrays)
+                   joint=f"{prefix}joint_mean" in arrays,
+                   joint_std=f"{prefix}joint_std" in arrays and bool(np.asarray(arrays[f"{prefix}joint_std"])))
         counts = np.asarray(arrays[f"{prefix}counts"], dtype=np.int64)
         named = [(f"d{d}", m) for d, m in enumerate(self.moments)]
         if self.joint_moments is not None:

@@ -15,14 +15,17 @@ from typing import Any
 import numpy as np
 
 from .artifact import ArtifactError, read_artifact, write_artifact
-from .features import FeatureReference
+from .features import JOINT_MAX_DIM, FeatureReference
 from .methods import MethodMaps, method_key
 from .stats import GroupedMoments, oas_shrink
 
 __all__ = ["ReferenceStore", "STORE_KIND", "STORE_FORMAT_VERSION"]
 
 STORE_KIND = "reference-store"
-STORE_FORMAT_VERSION = 1
+#: 2: the joint Gaussian may hold the conv blocks' channel standard deviations (`feat_joint_std`);
+#: version 1 stores (channel means only) are still read
+STORE_FORMAT_VERSION = 2
+STORE_READ_VERSIONS = (1, 2)
 _STATE_KEYS = ("counts", "cam_mean", "cam_m2", "early_mean", "early_m2", "stats_mean", "stats_m2")
 
 
@@ -76,12 +79,15 @@ class ReferenceStore:
     def update(self, labels: np.ndarray, cam: np.ndarray, early_map: np.ndarray,
                early_stats: np.ndarray,
                depth_features: Sequence[np.ndarray] | None = None,
-               maps: Mapping[str, np.ndarray] | None = None) -> ReferenceStore:
+               maps: Mapping[str, np.ndarray] | None = None,
+               block_stds: Sequence[np.ndarray] = ()) -> ReferenceStore:
         """Fold in a batch: labels (N,) int in [0, K), cam and early_map (N, G_h, G_w)
         canonical maps, early_stats (N, C). All values must be finite. `depth_features`:
         [(N, C_d) channel means of every conv block ..., (N, D) penultimate features],
         given for every batch or for none. `maps`: {method: raw (N, h, w) maps} for exactly
-        the store's `methods`."""
+        the store's `methods`. `block_stds`: [(N, C_d) channel standard deviations of every
+        conv block] where the probe computes them (the joint Gaussian then holds them too,
+        when its vector fits `JOINT_MAX_DIM`); given from the first batch on or never."""
         labels = np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
@@ -114,9 +120,11 @@ class ReferenceStore:
             if self.features is None:
                 if self._cam.count_.sum() > n:
                     raise ValueError("depth_features must be given for every batch or none")
-                self.features = FeatureReference(len(self.classes),
-                                                 [np.shape(f)[1] for f in depth_features])
-            self.features.update(labels, depth_features)
+                dims = [np.shape(f)[1] for f in depth_features]
+                self.features = FeatureReference(
+                    len(self.classes), dims,
+                    joint_std=len(block_stds) > 0 and 2 * sum(dims[:-1]) <= JOINT_MAX_DIM)
+            self.features.update(labels, depth_features, block_stds)
         self._cache.clear()
         return self
 
@@ -141,7 +149,7 @@ class ReferenceStore:
         if self.features is None and other.features is not None and not self._cam.count_.any():
             o = other.features  # an empty store takes the other's depth layout
             self.features = FeatureReference(len(self.classes), o.dims, o.bank_size, o.seed,
-                                             joint=o.joint_moments is not None)
+                                             joint=o.joint_moments is not None, joint_std=o.joint_std)
         self._cam.merge(other._cam)
         self._early.merge(other._early)
         self._stats.merge(other._stats)
@@ -320,7 +328,7 @@ class ReferenceStore:
         return store
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
-        """Write the store as a `reference-store` artifact (format version 1); an existing
+        """Write the store as a `reference-store` artifact (format version 2); an existing
         store at `path` is replaced only with `overwrite`, any other folder never."""
         write_artifact(path, kind=STORE_KIND, format_version=STORE_FORMAT_VERSION, overwrite=overwrite,
                        arrays={"moments": self.to_arrays()},
@@ -337,7 +345,7 @@ class ReferenceStore:
              expected_fingerprint: str | None = None) -> ReferenceStore:
         """Read a saved store; `ArtifactError` if damaged, of another version, or (with
         `expected_fingerprint`) built for another model."""
-        art = read_artifact(path, kind=STORE_KIND, supported_versions=[STORE_FORMAT_VERSION])
+        art = read_artifact(path, kind=STORE_KIND, supported_versions=list(STORE_READ_VERSIONS))
         m = art.manifest
         metadata = m.get("metadata") or {}
         if expected_fingerprint is not None:

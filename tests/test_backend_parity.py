@@ -103,6 +103,10 @@ def test_gate_parity_on_real_digits_and_ood(head, mnist, declared, models, expor
             assert len(b.result.block_stats) == len(a.result.block_stats) >= 2
             for p, q in zip(a.result.block_stats, b.result.block_stats):
                 np.testing.assert_allclose(q, p, rtol=1e-4, atol=1e-5)
+            # and their channel standard deviations (a SmallCNN's blocks are narrow enough)
+            assert len(b.result.block_stds) == len(a.result.block_stds) == len(a.result.block_stats)
+            for p, q in zip(a.result.block_stds, b.result.block_stds):
+                np.testing.assert_allclose(q, p, rtol=1e-4, atol=1e-5)
             cos = map_cosine(a.result.cam, b.result.cam)
             assert cos.min() >= 0.999, f"{head}/{name}: Grad-CAM cosine {cos.min():.6f}"
             np.testing.assert_array_equal(b.accept, a.accept, err_msg=f"{head}/{name}: decisions differ")

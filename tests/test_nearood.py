@@ -122,10 +122,11 @@ def test_held_out_class_auroc_beats_the_old_fused_score(heldout_setup):
     assert auroc_gate > 0.75  # measured 0.82 with this 3-epoch model (chance is 0.5)
 
 
-def test_default_combination_is_round_5(heldout_setup):
+def test_default_combination_is_round_6(heldout_setup):
     """The default statistic (docs/gate.md, round 5): normal scores summed within the relative
     distances and within the other combined scores; combined are the feature statistics, garbage
-    and two early-map scores, not the output scores (still scored and reported)."""
+    and two early-map scores, not the output scores (still scored and reported). Round 6: the
+    joint Gaussian holds the conv blocks' channel standard deviations beside their means."""
     from verifier.scoring.comparator import RELATIVE_SCORES, is_combined
 
     gate, pool, _ = heldout_setup
@@ -137,6 +138,8 @@ def test_default_combination_is_round_5(heldout_setup):
     assert [comb.groups_[comb.names_.index(n)] for n in RELATIVE_SCORES] == [1, 1]
     assert int(comb.groups_.sum()) == 2
     assert {"msp", "energy"} <= set(gate.bundle.score_names)
+    feats = gate.bundle.store.features
+    assert feats.joint_std and feats.joint_moments.dim == 2 * sum(feats.dims[:-1])
 
 
 def test_bundle_records_the_guarantee(heldout_setup, mnist, tmp_path):
@@ -307,6 +310,54 @@ def test_joint_block_gaussian_against_sklearn_merge_and_round_trip(mnist):
     assert FeatureReference.from_arrays(old, 10).joint_depth is None
     with pytest.raises(ValueError, match="cannot merge"):
         FeatureReference(10, [16, 4, 49], joint=False).merge(ref)
+
+
+def test_joint_gaussian_with_block_stds_against_sklearn_and_older_references(mnist):
+    """With the conv blocks' channel standard deviations (round 6) the joint vector is every
+    block's means then every block's standard deviations, and its distance is sklearn's tied OAS
+    Mahalanobis of those rows; the flag round-trips, a reference saved before it (no
+    `feat_joint_std`) scores the means alone, a missing or mis-sized input is refused by name,
+    and references of the two layouts do not merge."""
+    from sklearn.covariance import OAS
+
+    from reference_maps.features import JOINT_MAX_DIM
+
+    x, y = mnist
+    f = x[:1200].astype(np.float64) / 255.0
+    tiles = [f.reshape(-1, 4, 7, 4, 7), f.reshape(-1, 2, 14, 2, 14)]
+    blocks = [t.mean(axis=(2, 4)).reshape(len(f), -1) for t in tiles]
+    stds = [t.std(axis=(2, 4)).reshape(len(f), -1) for t in tiles]
+    pen = f.reshape(-1, 7, 4, 7, 4).mean(axis=(2, 4)).reshape(len(f), -1)
+    lab = y[:1200]
+    ref = FeatureReference(10, [16, 4, 49], bank_size=500, joint_std=True).update(lab, [*blocks, pen], stds)
+    assert ref.joint_moments.dim == 40
+    cat = np.hstack([*blocks, *stds])
+    np.testing.assert_array_equal(ref.joint_vector(blocks, stds), cat)
+    means = np.stack([cat[lab == k].mean(0) for k in range(10)])
+    prec = OAS(assume_centered=True).fit(cat - means[lab]).precision_
+    q = cat[:50] + 0.01
+    want = np.einsum("nkc,cd,nkd->nk", q[:, None] - means[None], prec, q[:, None] - means[None]).min(1)
+    np.testing.assert_allclose(ref.mahalanobis(ref.joint_depth, q), want, rtol=1e-6, atol=1e-8)
+    back = FeatureReference.from_arrays(ref.to_arrays(), 10)
+    assert back.joint_std
+    np.testing.assert_array_equal(back.relative_mahalanobis(3, q), ref.relative_mahalanobis(3, q))
+    with pytest.raises(ValueError, match="standard deviations: expected 2 arrays of them, got 0"):
+        ref.joint_vector(blocks)
+    with pytest.raises(ValueError, match="expected 2 block arrays"):
+        ref.joint_vector(blocks[:1], stds)
+    # a reference of the means-only layout (saved before round 6): the standard deviations a
+    # newer probe gives are not part of its vector
+    old = FeatureReference(10, [16, 4, 49], bank_size=500).update(lab, [*blocks, pen])
+    arrays = old.to_arrays()
+    assert "feat_joint_std" not in arrays
+    loaded = FeatureReference.from_arrays(arrays, 10)
+    assert not loaded.joint_std and loaded.joint_moments.dim == 20
+    np.testing.assert_array_equal(loaded.joint_vector(blocks, stds), np.hstack(blocks))
+    with pytest.raises(ValueError, match="cannot merge"):
+        loaded.merge(ref)
+    # the store keeps them only where the vector fits JOINT_MAX_DIM; otherwise means only
+    store_ref = FeatureReference(10, [JOINT_MAX_DIM // 2, 1, 3], joint_std=True)
+    assert store_ref.joint_moments is None
 
 
 def test_bundle_without_the_newer_scores_scores_its_own(heldout_setup):

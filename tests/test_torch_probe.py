@@ -68,6 +68,34 @@ def test_auto_layers_and_outputs(gap_model, mnist):
     assert res.features.shape == (8, 64)
 
 
+def test_block_statistics_are_the_blocks_spatial_mean_and_std(gap_model, mnist):
+    """Every conv block's channel means and (population) standard deviations equal numpy's on
+    the block outputs captured by plain hooks; a model whose blocks are too wide for the joint
+    Gaussian (a ResNet-18's 3,904 channels) gets no standard deviations computed."""
+    from verifier.probe.base import wants_block_stds
+
+    probe = TorchProbe(mnist_spec(gap_model))
+    assert probe.block_layers == ["features.2", "features.5", "features.8"] and probe.block_stds
+    x = preprocess_uint8(mnist[0][POOL][:16]).numpy()
+    res = probe.run(x)
+    acts = {}
+    mods = dict(gap_model.named_modules())
+    hs = [mods[n].register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o.double().numpy()))
+          for n in probe.block_layers]
+    with torch.no_grad():
+        gap_model(torch.from_numpy(x))
+    for h in hs:
+        h.remove()
+    assert len(res.block_stds) == len(res.block_stats) == 3
+    for name, mean, std in zip(probe.block_layers, res.block_stats, res.block_stds):
+        np.testing.assert_allclose(mean, acts[name].mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(std, acts[name].std(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+        assert std.max() > 0
+    resnet18 = [64] * 5 + [128] * 4 + [256] * 4 + [512] * 4 + [128, 256, 512]  # its 20 conv blocks
+    assert not wants_block_stds(resnet18) and not wants_block_stds([16])
+    assert wants_block_stds([16, 32, 64]) and wants_block_stds([256, 256]) and not wants_block_stds([256, 257])
+
+
 def test_explicit_layer_names_and_errors(gap_model):
     spec = mnist_spec(gap_model)
     from dataclasses import replace

@@ -160,7 +160,7 @@ def reference_batch(probe: Probe, spec: ModelSpec, template: StoreTemplate, lab:
     part.update(lab, to_grid(res.cam, template.grid), to_grid(res.early_map, template.grid),
                 res.early_stats,
                 depth_features=[*res.block_stats, res.features] if res.block_stats else None,
-                maps=maps)
+                maps=maps, block_stds=res.block_stds)
     correct = int((res.logits[:, : spec.num_classes].argmax(axis=1) == lab).sum())
     return ReferenceBatch(part, res.features, lab, raw_pixels_u8(x, spec), correct)
 

@@ -10,7 +10,9 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["probe_features", "ProbeResult", "Probe", "ProbeError"]
+from reference_maps.features import JOINT_MAX_DIM
+
+__all__ = ["probe_features", "ProbeResult", "Probe", "ProbeError", "wants_block_stds"]
 
 
 class ProbeError(RuntimeError):
@@ -30,6 +32,9 @@ class ProbeResult:
     block_stats: per conv block in execution order, (N, C_b) per-channel spatial mean of the
                  block's output (the conv advanced through its BatchNorm/activation), from
                  the same pass; empty for a probe that does not expose them
+    block_stds:  per conv block, (N, C_b) per-channel spatial standard deviation of the same
+                 outputs; computed only where every block's means and standard deviations
+                 fit the reference store's joint Gaussian (`wants_block_stds`), else empty
     """
 
     logits: np.ndarray
@@ -39,6 +44,7 @@ class ProbeResult:
     early_map: np.ndarray
     early_stats: np.ndarray
     block_stats: tuple[np.ndarray, ...] = field(default=())
+    block_stds: tuple[np.ndarray, ...] = field(default=())
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
@@ -48,9 +54,11 @@ class ProbeResult:
         """Join per-batch results along the batch axis."""
         blocks = tuple(np.concatenate([p.block_stats[b] for p in parts], axis=0)
                        for b in range(min(len(p.block_stats) for p in parts)))
+        stds = tuple(np.concatenate([p.block_stds[b] for p in parts], axis=0)
+                     for b in range(min(len(p.block_stds) for p in parts)))
         return ProbeResult(*(np.concatenate([getattr(p, f) for p in parts], axis=0)
                              for f in ("logits", "features", "cam", "cam_class",
-                                       "early_map", "early_stats")), block_stats=blocks)
+                                       "early_map", "early_stats")), block_stats=blocks, block_stds=stds)
 
 
 class Probe(Protocol):
@@ -68,6 +76,14 @@ class Probe(Protocol):
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward pass only: (N, K_out) logits, no attribution (for counterfactual tests)."""
         ...
+
+
+def wants_block_stds(channels: list[int | None]) -> bool:
+    """Whether a probe computes its conv blocks' channel standard deviations: only where the
+    reference store keeps them, that is with two or more blocks whose means and standard
+    deviations fit its joint Gaussian (`JOINT_MAX_DIM` values; a block of unknown width counts
+    as fitting). A ResNet-18's blocks do not fit, so it pays nothing for them."""
+    return len(channels) >= 2 and 2 * sum(c or 0 for c in channels) <= JOINT_MAX_DIM
 
 
 def probe_features(probe: Probe, x: np.ndarray) -> np.ndarray:

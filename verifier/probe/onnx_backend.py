@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 import verifier.probe.onnx_graph as og
-from verifier.probe.base import ProbeError, ProbeResult
+from verifier.probe.base import ProbeError, ProbeResult, wants_block_stds
 from verifier.probe.onnx_files import OPSET, export_onnx, file_key, load_model
 from verifier.probe.onnx_precision import to_double
 from verifier.spec import ModelSpec, model_fingerprint
@@ -95,10 +95,13 @@ class OnnxProbe:
                              else DEFAULT_REL_EPS[self.tail_precision])
         #: output of every conv block (a Conv advanced through its BN/activation), in order
         self.block_layers = og.conv_blocks(info)
-        # their channel means, computed inside the graph (N, C) instead of fetched whole
-        averaged, block_means = og.with_channel_means(model, self.block_layers, info)
+        # their channel means (and, for blocks narrow enough, variances: `wants_block_stds`),
+        # computed inside the graph (N, C) instead of fetched whole
+        self.block_stds = wants_block_stds([(info.shape(b) or (None, None))[1] for b in self.block_layers])
+        averaged, block_means, block_vars = og.with_channel_means(model, self.block_layers, info,
+                                                                  variances=self.block_stds)
         wanted = [self.logits_name, self.features_name or self.target_layer,
-                  self.target_layer, self.early_layer, *self._side, *block_means]
+                  self.target_layer, self.early_layer, *self._side, *block_means, *block_vars]
         self._fetch = list(dict.fromkeys(wanted))  # a tensor can play two roles
         self._slots = [self._fetch.index(w) for w in wanted]
         self._n_side = len(self._side)
@@ -133,7 +136,10 @@ class OnnxProbe:
         outs = [got[i] for i in self._slots]
         logits, feats, act, early = (np.asarray(o, dtype=np.float32) for o in outs[:4])
         side = outs[4:4 + self._n_side]
-        blocks = tuple(np.asarray(o, dtype=np.float32) for o in outs[4 + self._n_side:])
+        stats = [np.asarray(o, dtype=np.float32) for o in outs[4 + self._n_side:]]
+        nb = len(self.block_layers)
+        blocks = tuple(stats[:nb])
+        stds = tuple(np.sqrt(np.maximum(v, 0.0)) for v in stats[nb:])
         n = x.shape[0]
         if logits.ndim != 2 or logits.shape[1] < self.spec.num_classes:
             hint = (" (per-pixel class scores: a segmentation model; set [model] task = "
@@ -159,6 +165,7 @@ class OnnxProbe:
             early_stats=early_stats,
             early_map=early_abs.mean(axis=1).astype(np.float32),
             block_stats=blocks,
+            block_stds=stds,
         )
 
     def logits(self, x: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from verifier.probe.base import ProbeError, ProbeResult
+from verifier.probe.base import ProbeError, ProbeResult, wants_block_stds
 from verifier.spec import ModelSpec, model_fingerprint
 
 __all__ = ["TorchProbe", "resolve_layers", "probe_state_restored", "decoder_layers"]
@@ -46,6 +46,8 @@ class TorchProbe:
         self.target_layer, self.early_layer, self.feature_layer = layers
         #: output of every conv block (a Conv2d advanced through its BN/activation), in order
         self.block_layers = conv_blocks(self.model, spec, self.device)
+        #: their channel standard deviations too (only for blocks narrow enough: `wants_block_stds`)
+        self.block_stds = wants_block_stds(_channels(self.model, spec, self.device, self.block_layers))
         self._modules = dict(self.model.named_modules())
 
     def describe(self) -> str:
@@ -60,7 +62,7 @@ class TorchProbe:
         xt = torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True)
         if xt.ndim != 4 or xt.shape[1] != self.spec.channels:
             raise ProbeError(f"expected input (N, {self.spec.channels}, H, W), got {tuple(xt.shape)}")
-        cap = _Capture()
+        cap = _Capture(self.block_stds)
         with probe_state_restored(self.model):
             handles = [
                 self._modules[self.target_layer].register_forward_hook(cap.target_hook),
@@ -97,6 +99,8 @@ class TorchProbe:
                 early_stats=cap.early_stats.float().cpu().numpy(),
                 block_stats=tuple(cap.blocks[i].float().cpu().numpy()
                                   for i in range(len(self.block_layers))),
+                block_stds=tuple(cap.stds[i].float().cpu().numpy() for i in range(len(self.block_layers))
+                                 if self.block_stds),
             )
 
     def logits(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -124,7 +128,9 @@ class TorchProbe:
 class _Capture:
     """Forward hooks' scratch space for one pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, stds: bool = False) -> None:
+        self.with_stds = stds
+        self.stds: dict[int, torch.Tensor] = {}
         self.target: torch.Tensor | None = None
         self.early_map: torch.Tensor | None = None
         self.early_stats: torch.Tensor | None = None
@@ -133,7 +139,11 @@ class _Capture:
 
     def block_hook(self, i: int):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            self.blocks[i] = output.detach().mean(dim=(2, 3))  # now: later ops may be in place
+            # now: later ops may be in place
+            if self.with_stds:
+                self.stds[i], self.blocks[i] = torch.std_mean(output.detach(), dim=(2, 3), correction=0)
+            else:
+                self.blocks[i] = output.detach().mean(dim=(2, 3))
         return hook
 
     def target_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -241,6 +251,12 @@ def conv_blocks(model: nn.Module, spec: ModelSpec, device: torch.device) -> list
     out = [spatial[_advance(spatial, i)].name for i, c in enumerate(spatial)
            if isinstance(c.module, nn.Conv2d)]
     return list(dict.fromkeys(out))
+
+
+def _channels(model: nn.Module, spec: ModelSpec, device: torch.device, names: list[str]) -> list[int]:
+    """Channels of the named 4-D module outputs (from the dry run's shapes)."""
+    shapes = {c.name: c.shape for c in _dry_run(model, spec, device) if len(c.shape) == 4}
+    return [int(shapes[n][1]) for n in names]
 
 
 def decoder_layers(model: nn.Module, spec: ModelSpec, device: torch.device,

@@ -240,6 +240,7 @@ def _nonfinite_rows(result: ProbeResult, maps: dict[str, np.ndarray] | None = No
     bad: dict[int, list[str]] = {}
     arrays = [(f, getattr(result, f)) for f in _RESULT_FIELDS if f != "cam_class"]
     arrays += [(f"block_stats[{i}]", a) for i, a in enumerate(result.block_stats)]
+    arrays += [(f"block_stds[{i}]", a) for i, a in enumerate(result.block_stds)]
     arrays += [(f"{k} map", a) for k, a in (maps or {}).items()]
     for f, a in arrays:
         a = np.asarray(a)
@@ -258,7 +259,8 @@ def _all_errors(result: ProbeResult, errors: dict[int, str]) -> BatchScores:
 
 def _take(result: ProbeResult, rows: np.ndarray) -> ProbeResult:
     return ProbeResult(*(np.asarray(getattr(result, f))[rows] for f in _RESULT_FIELDS),
-                       block_stats=tuple(np.asarray(a)[rows] for a in result.block_stats))
+                       block_stats=tuple(np.asarray(a)[rows] for a in result.block_stats),
+                       block_stds=tuple(np.asarray(a)[rows] for a in result.block_stds))
 
 
 def _spread(cols: dict[str, np.ndarray], rows: np.ndarray, n: int) -> dict[str, np.ndarray]:

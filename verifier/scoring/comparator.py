@@ -112,7 +112,8 @@ def depth_scores(store: ReferenceStore, result: ProbeResult) -> dict[str, np.nda
     reference features, Ren et al. 2021), `feat_multilayer_mahalanobis` (the conv blocks'
     distances standardised by their in-distribution moments and summed),
     `feat_joint_mahalanobis` and `feat_joint_relative_mahalanobis` (the same two distances on
-    the conv blocks' channel means concatenated, where the store keeps that Gaussian), `knn` (distance
+    the conv blocks' channel means, and their channel standard deviations where the store keeps
+    them, concatenated, where the store keeps that Gaussian), `knn` (distance
     of the L2-normalised penultimate features to their 50th nearest reference, Sun et al.
     2022), `msp` (maximum softmax probability, Hendrycks & Gimpel 2017) and `energy`
     (-logsumexp of the logits, Liu et al. 2020), over the store's K real classes."""
@@ -129,7 +130,7 @@ def depth_scores(store: ReferenceStore, result: ProbeResult) -> dict[str, np.nda
         n_blocks, result.features, out["penultimate_mahalanobis"])
     out["feat_multilayer_mahalanobis"] = feats.multilayer_mahalanobis(result.block_stats, block_distances)
     if feats.joint_depth is not None:
-        joint = np.hstack([np.asarray(b, dtype=np.float64) for b in result.block_stats])
+        joint = feats.joint_vector(result.block_stats, result.block_stds)
         out["feat_joint_mahalanobis"] = feats.mahalanobis(feats.joint_depth, joint)
         out["feat_joint_relative_mahalanobis"] = feats.relative_mahalanobis(
             feats.joint_depth, joint, out["feat_joint_mahalanobis"])
