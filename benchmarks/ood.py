@@ -40,7 +40,9 @@ IN_CLASSES = 6
 N_SET = 600
 NEAR = ("held_out_6_9", "sklearn_digits", "rotated_90", "two_digit_mix")
 LABELLED = ("sklearn_digits", "rotated_90")  # shifted but labelled (classes 0-5)
-#: what rounds 1-4 combined (whole families); round 5's default is `COMBINED_SCORES`
+#: what rounds 1-4 combined (whole families); round 5's default is `COMBINED_SCORES`. The
+#: `gate_round4` / `gate_round3` rows are those statistics on the current store, whose joint
+#: Gaussian holds the blocks' channel standard deviations since round 6 (docs/gate.md)
 ROUND4_SCORES = ("features", "output", "garbage")
 #: detectors whose decision is the gate's own p-value (thresholded at alpha, not re-calibrated)
 GATES = ("gate", "gate_round4", "gate_round3")
