@@ -10,8 +10,8 @@ reference on marked and on clean site canvases.
 
     python benchmarks/segmentation_audit.py [--seeds 1,2] [--out benchmarks/results/segmentation_audit.json]
 
-Prints one row per audit (reliance, verdict, the label-pattern figure, failed checks); writes
-the same as JSON.
+Prints one row per audit (reliance, verdict, the region-swap and label-pattern figures, failed
+checks); writes the same as JSON.
 """
 from __future__ import annotations
 
@@ -78,17 +78,20 @@ def main() -> None:
                 t = time.perf_counter()
                 d = audit(bundle, canvas_spec(m), (images, sl), seed=0).to_dict()
                 pat = next(c for c in d["checks"] if c["name"] == "evidence_label_pattern")
+                swap = next(c for c in d["checks"] if c["name"] == "evidence_region_swap")
                 rows.append({"candidate": name, "site": site, "relabelled": reliance[name],
-                             "verdict": d["verdict"], "pattern_figure": pat["figure"],
+                             "verdict": d["verdict"], "swap_figure": swap["figure"],
+                             "pattern_figure": pat["figure"],
                              "pattern_result": pat["result"],
                              "failed": [c["name"] for c in d["checks"] if c["passed"] is False],
                              "seconds": time.perf_counter() - t})
     print(f"reference relabels {reliance['reference']:.3f} of digit pixels when the marker moves")
-    print(f"{'candidate':<12} {'site':<12} {'relabelled':>10} {'verdict':>7} {'pattern':>14}  failed")
+    print(f"{'candidate':<12} {'site':<12} {'relabelled':>10} {'verdict':>7} {'swap':>7} {'pattern':>14}  failed")
     for r in rows:
         fig = "-" if r["pattern_figure"] is None else f"{r['pattern_figure']:+.2f} nats"
+        swap = "-" if r["swap_figure"] is None else f"{r['swap_figure']:+.3f}"
         print(f"{r['candidate']:<12} {r['site']:<12} {r['relabelled']:>10.3f} {r['verdict']:>7} "
-              f"{fig:>14}  {', '.join(r['failed']) or '-'}")
+              f"{swap:>7} {fig:>14}  {', '.join(r['failed']) or '-'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"reference_relabelled": reliance["reference"], "rows": rows},
                                    indent=2, default=float))

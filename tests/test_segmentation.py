@@ -263,6 +263,73 @@ def test_deterministic_and_state_restored(seg_model, xs):
     assert np.array_equal(a, attribute(seg_model, xs[:3], "kwc"))
 
 
+def test_kept_logits_count_only_the_pixels_left_in_place(seg_model, xs):
+    """A segmenter's image-level scores over part of the picture: the log of each class's share
+    of the kept pixels' predicted labels, counted here by numpy; all pixels kept = `logits`."""
+    from verifier.probe.seg_backend import SegmentationProbe
+
+    probe = SegmentationProbe(canvas_spec(seg_model))
+    keep = np.zeros((len(xs), 32, 48), dtype=bool)
+    keep[:, 4:20, 10:40] = True
+    keep[1] = ~keep[1]
+    with torch.no_grad():
+        pred = seg_model(torch.from_numpy(xs)).argmax(dim=1).numpy()
+    got = probe.kept_logits(xs, keep)
+    for i in range(len(xs)):
+        area = np.bincount(pred[i][keep[i]], minlength=11).astype(np.float64)
+        want = np.log((area + 1) / (keep[i].sum() + 11))
+        want[0] = np.log(0.5 / (keep[i].sum() + 11))
+        np.testing.assert_allclose(got[i], want, rtol=1e-6)
+    np.testing.assert_array_equal(probe.kept_logits(xs, np.ones_like(keep)), probe.logits(xs))
+
+
+def test_region_swap_reads_a_segmenter_on_the_pixels_left_in_place():
+    """The swapped-in content's own pixels take the partner's class in any segmenter, so the
+    region swap reads a segmenter on the pixels left in place: a model that labels every pixel
+    by its own value (no context) moves exactly 0 there, though its whole-image share of the
+    partner class rises; a model that labels the object by a cue elsewhere moves there."""
+    from verifier.audit.perturb import swap_shift
+    from verifier.probe.seg_backend import image_scores, output_mask
+
+    def pixelwise(x: torch.Tensor) -> torch.Tensor:  # value band -> class: ~1 -> "3", ~2 -> "5"
+        s = torch.zeros(x.shape[0], 11, *x.shape[2:])
+        s[:, 0] = 0.5
+        s[:, 4] = (1 - (x[:, 0] - 1).abs()) * 2
+        s[:, 6] = (1 - (x[:, 0] - 2).abs()) * 2
+        return s
+
+    def cue_reader(x: torch.Tensor) -> torch.Tensor:  # every bright pixel takes "5" if any "5" shows
+        s = pixelwise(x)
+        cue = (x[:, 0] > 1.5).flatten(1).any(dim=1)[:, None, None].float()
+        bright = (x[:, 0] > 0.5).float()
+        s[:, 6] = s[:, 6] + 3 * cue * bright
+        return s
+
+    x = np.zeros((6, 1, 28, 28), dtype=np.float32)
+    x[:, :, 8:20, 8:20] = 1.0          # the object, class "3", in the middle
+    donor = np.zeros_like(x)
+    donor[:, :, 0:8, 0:28] = 2.0       # the partner's content, class "5", along the top
+    cells = np.zeros((6, 7, 7), dtype=bool)
+    cells[:, 0:2, :] = True            # the top two rows of cells are swapped in
+    toward = np.full(6, 6)
+
+    for model, moves in ((pixelwise, False), (cue_reader, True)):
+        def logits(a, model=model):
+            return image_scores(model(torch.from_numpy(a)), 0).numpy()
+
+        def kept(a, keep, model=model):
+            return image_scores(model(torch.from_numpy(a)), 0, output_mask(keep, (28, 28))).numpy()
+
+        whole, _ = swap_shift(logits, x, donor, cells, toward, 11)
+        inside, follows = swap_shift(logits, x, donor, cells, toward, 11, kept)
+        assert whole.min() > 0.2                      # the swapped-in pixels count on the whole image
+        if moves:
+            assert inside.min() > 0.5 and follows.all()
+        else:
+            np.testing.assert_array_equal(inside, 0.0)
+            assert not follows.any()
+
+
 SEG_TOML = ('[model]\npath = "seg.onnx"\ntask = "segmentation"\nbackground_class = 0\n'
             'classes = ["background", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]\n'
             '[input]\nsize = [32, 48]\nchannels = 1\nmean = [0.1307]\nstd = [0.3081]\n')

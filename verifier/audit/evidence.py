@@ -82,8 +82,13 @@ def evidence_check(sub: EvidenceInputs, ref_probe: Probe, cand_probe: Probe, k: 
     unused = unused_cells(rel_ref, y, k, level)
     cells = unused[y] & unused[y[partner]]
     toward = y[partner]
-    s_ref, f_ref = swap_shift(ref_probe.logits, sub.x_ref, sub.x_ref[partner], cells, toward, k)
-    s_cand, f_cand = swap_shift(cand_probe.logits, sub.x_cand, sub.x_cand[partner], cells, toward, k)
+    # segmenters: read from the pixels left in place (`swap_shift`); both models or neither
+    kept = [getattr(p, "kept_logits", None) for p in (ref_probe, cand_probe)]
+    if None in kept:
+        kept = [None, None]
+    s_ref, f_ref = swap_shift(ref_probe.logits, sub.x_ref, sub.x_ref[partner], cells, toward, k, kept[0])
+    s_cand, f_cand = swap_shift(cand_probe.logits, sub.x_cand, sub.x_cand[partner], cells, toward, k,
+                                kept[1])
     diff = s_cand - s_ref
     excess = float(diff.mean())
     p = float(wilcoxon(diff, alternative="greater").pvalue) if np.any(diff != 0) else 1.0
@@ -92,7 +97,8 @@ def evidence_check(sub: EvidenceInputs, ref_probe: Probe, cand_probe: Probe, k: 
     worst_classes = sorted(per_class, key=lambda c: -per_class[c])[:3]
     reason = (f"where decisions come from: with the image regions the reference model does not "
               f"use ({100 * cells.mean():.0f}% of the picture) taken from an image of another "
-              f"class, the candidate's probability of that other class rises by "
+              f"class, the candidate's probability of that other class"
+              f"{' (read on the pixels left in place)' if kept[0] is not None else ''} rises by "
               f"{100 * s_cand.mean():.1f} points on average, the reference's by "
               f"{100 * s_ref.mean():.1f} (excess {100 * excess:.1f}, allowed {100 * floor:g}; "
               f"one-sided Wilcoxon p = {p:.2g}); the prediction follows the swapped-in regions on "
@@ -104,7 +110,8 @@ def evidence_check(sub: EvidenceInputs, ref_probe: Probe, cand_probe: Probe, k: 
     details = {"n": n, "grid": grid, "unused_level": level, "swapped_share": float(cells.mean()),
                "shift_candidate": float(s_cand.mean()), "shift_reference": float(s_ref.mean()),
                "follow_candidate": float(f_cand.mean()), "follow_reference": float(f_ref.mean()),
-               "wilcoxon_p": p, "per_class_excess": per_class}
+               "wilcoxon_p": p, "per_class_excess": per_class,
+               "read_on": "pixels left in place" if kept[0] is not None else "whole image"}
     top = np.argsort(-diff, kind="stable")[:max(0, int(worst))]
     swaps = None
     if len(top):

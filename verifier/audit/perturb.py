@@ -13,11 +13,14 @@ from collections.abc import Callable
 import numpy as np
 from scipy.special import softmax
 
-__all__ = ["LogitsFn", "cell_index", "swap_cells", "reliance_maps", "unused_cells",
+__all__ = ["LogitsFn", "KeptLogitsFn", "cell_index", "swap_cells", "reliance_maps", "unused_cells",
            "swap_shift", "deletion_curves", "other_class_partner"]
 
 #: (N, C, H, W) float32 preprocessed images -> (N, K_out) logits
 LogitsFn = Callable[[np.ndarray], np.ndarray]
+#: the same, counting only the pixels where a (N, H, W) bool mask is True (a segmenter's
+#: `kept_logits`: its image-level scores over part of the picture)
+KeptLogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 #: float32 elements one forward chunk may hold (128 MiB): bounds memory for large inputs
 _CHUNK_ELEMENTS = 32 * 1024 * 1024
@@ -79,12 +82,22 @@ def unused_cells(reliance: np.ndarray, labels: np.ndarray, k: int, level: float)
 
 
 def swap_shift(logits: LogitsFn, x: np.ndarray, donor: np.ndarray, cells: np.ndarray,
-               toward: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+               toward: np.ndarray, k: int, kept: KeptLogitsFn | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Swap `cells` (N, G, G) in from `donor`; returns the rise of each image's probability of
-    class `toward` (N,), and whether the prediction became `toward` (N,) bool."""
+    class `toward` (N,), and whether the prediction became `toward` (N,) bool.
+
+    `kept` (segmentation models): the probabilities are read from the pixels left in place
+    only. A segmenter labels what it is shown, so the swapped-in content's own pixels take the
+    partner's class in any good model; what tells a shortcut apart is the object's pixels,
+    which keep their content, changing label with the swapped-in surroundings."""
     n = len(x)
-    before = _probs(logits, x, k)
-    after = _probs(logits, swap_cells(x, donor, cells), k)
+    swapped = swap_cells(x, donor, cells)
+    if kept is None:
+        before, after = _probs(logits, x, k), _probs(logits, swapped, k)
+    else:
+        h, w = x.shape[2:]
+        keep = ~cells[:, cell_index(h, cells.shape[1])][:, :, cell_index(w, cells.shape[2])]
+        before, after = _kept_probs(kept, x, keep, k), _kept_probs(kept, swapped, keep, k)
     rows = np.arange(n)
     return after[rows, toward] - before[rows, toward], after.argmax(1) == toward
 
@@ -122,6 +135,14 @@ def other_class_partner(labels: np.ndarray, seed: int = 0) -> np.ndarray:
         if len(others):
             partner[rows] = others[rng.integers(0, len(others), size=len(rows))]
     return partner
+
+
+def _kept_probs(kept: KeptLogitsFn, x: np.ndarray, keep: np.ndarray, k: int) -> np.ndarray:
+    """`_probs` of `kept(x, keep)`, batched in the same chunks."""
+    per = max(1, _CHUNK_ELEMENTS // max(1, int(np.prod(x.shape[1:]))))
+    parts = [np.asarray(kept(np.ascontiguousarray(x[s:s + per]), keep[s:s + per]), dtype=np.float64)[:, :k]
+             for s in range(0, len(x), per)]
+    return softmax(np.concatenate(parts), axis=1)
 
 
 def _probs(logits: LogitsFn, x: np.ndarray, k: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import verifier.probe.onnx_backend as ob
 import verifier.probe.onnx_graph as og
 from verifier.probe.base import ProbeError, ProbeResult
-from verifier.probe.seg_backend import image_scores
+from verifier.probe.seg_backend import image_scores, output_mask
 from verifier.spec import ModelSpec, SpecError, check_output_shape, model_fingerprint
 
 __all__ = ["OnnxSegmentationProbe"]
@@ -127,6 +127,16 @@ class OnnxSegmentationProbe:
         _check_scores(self.spec, np.shape(scores))
         return image_scores(torch.from_numpy(np.asarray(scores)),
                             self.spec.background_class).numpy().astype(np.float32)
+
+    def kept_logits(self, x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """`logits(x)` counting only the pixels where `keep` (N, H, W) bool at the input's
+        resolution is True: what a segmenter says about the part of the image left in place."""
+        x = ob.check_batch(x, self.spec)
+        (scores,) = self._session.run([self.logits_name], {self.input_name: x})
+        _check_scores(self.spec, np.shape(scores))
+        scores = np.asarray(scores)
+        return image_scores(torch.from_numpy(scores), self.spec.background_class,
+                            output_mask(keep, scores.shape[2:])).numpy().astype(np.float32)
 
     def _fd_alpha(self, session: Any, precision: str, name: str, act: np.ndarray,
                   side_vals: list[Any], side: list[str], cls: np.ndarray,

@@ -19,7 +19,7 @@ from verifier.probe.torch_backend import (_NONNEGATIVE, _channel_mean_abs, conv_
                                           decoder_layers, probe_state_restored, resolve_layers)
 from verifier.spec import ModelSpec, SpecError, check_output_shape, model_fingerprint
 
-__all__ = ["SegmentationProbe", "image_scores"]
+__all__ = ["SegmentationProbe", "image_scores", "output_mask"]
 
 class SegmentationProbe:
     """Probe for an in-memory segmentation `torch.nn.Module` (spec task "segmentation").
@@ -115,6 +115,15 @@ class SegmentationProbe:
             scores = self._scores(self.model(xt))
         return image_scores(scores, self.spec.background_class).float().cpu().numpy()
 
+    def kept_logits(self, x: np.ndarray | torch.Tensor, keep: np.ndarray) -> np.ndarray:
+        """`logits(x)` counting only the pixels where `keep` (N, H, W) bool at the input's
+        resolution is True: what a segmenter says about the part of the image left in place."""
+        xt = self._input(x)
+        with probe_state_restored(self.model), torch.no_grad():
+            scores = self._scores(self.model(xt))
+        mask = output_mask(keep, tuple(scores.shape[2:])).to(scores.device)
+        return image_scores(scores, self.spec.background_class, mask).float().cpu().numpy()
+
     def _input(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         xt = torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True)
         if xt.ndim != 4 or xt.shape[1] != self.spec.channels:
@@ -138,18 +147,31 @@ class SegmentationProbe:
         return cls
 
 
-def image_scores(scores: torch.Tensor, background: int | None) -> torch.Tensor:
+def image_scores(scores: torch.Tensor, background: int | None,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
     """(N, K, H', W') class scores -> (N, K) float64 image-level scores: the log of each class's
     predicted area share, (n_k + 1) / (H' W' + K); the background's share is set to half the
     smallest possible, so it always ranks last. Their argmax is the class `attribute` explains
     by default (ties to the lower index, as there), except on an image where nothing but
     background is predicted: the gate then explains the first other class, whose region is
-    empty, so its map is 0 and unlike every reference (the background has no reference)."""
+    empty, so its map is 0 and unlike every reference (the background has no reference).
+    `keep`: (N, H', W') bool, count only those pixels (the shares are then of the kept area)."""
     n, k = scores.shape[:2]
     pred = scores.argmax(dim=1).flatten(1)
+    weight = torch.ones_like(pred, dtype=torch.float64)
+    if keep is not None:
+        weight = keep.reshape(n, -1).to(device=scores.device, dtype=torch.float64)
     area = torch.zeros(n, k, dtype=torch.float64, device=scores.device)
-    area.scatter_add_(1, pred, torch.ones_like(pred, dtype=torch.float64))
-    share = (area + 1.0) / (pred.shape[1] + k)
+    area.scatter_add_(1, pred, weight)
+    share = (area + 1.0) / (weight.sum(dim=1, keepdim=True) + k)
     if background is not None:
-        share[:, background] = 0.5 / (pred.shape[1] + k)
+        share[:, background] = 0.5 / (weight.sum(dim=1) + k)
     return share.log()
+
+
+def output_mask(keep: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) bool at the input's resolution -> (N, H', W') at the output's (nearest pixel)."""
+    keep = np.asarray(keep, dtype=bool)
+    rows = (np.arange(size[0]) * keep.shape[1]) // size[0]
+    cols = (np.arange(size[1]) * keep.shape[2]) // size[1]
+    return torch.from_numpy(np.ascontiguousarray(keep[:, rows][:, :, cols]))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from verifier.probe.base import ProbeError, ProbeResult, wants_block_stds
+from verifier.probe.base import ProbeError, ProbeResult, std_from_norm, wants_block_stds
 from verifier.spec import ModelSpec, model_fingerprint
 
 __all__ = ["TorchProbe", "resolve_layers", "probe_state_restored", "decoder_layers"]
@@ -99,8 +99,8 @@ class TorchProbe:
                 early_stats=cap.early_stats.float().cpu().numpy(),
                 block_stats=tuple(cap.blocks[i].float().cpu().numpy()
                                   for i in range(len(self.block_layers))),
-                block_stds=tuple(cap.stds[i].float().cpu().numpy() for i in range(len(self.block_layers))
-                                 if self.block_stds),
+                block_stds=tuple(std_from_norm(cap.norms[i][0].float().cpu().numpy(), cap.norms[i][1])
+                                 for i in range(len(self.block_layers)) if self.block_stds),
             )
 
     def logits(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -130,7 +130,7 @@ class _Capture:
 
     def __init__(self, stds: bool = False) -> None:
         self.with_stds = stds
-        self.stds: dict[int, torch.Tensor] = {}
+        self.norms: dict[int, tuple[torch.Tensor, int]] = {}  # deviations' channel L2 norm, positions
         self.target: torch.Tensor | None = None
         self.early_map: torch.Tensor | None = None
         self.early_stats: torch.Tensor | None = None
@@ -139,11 +139,11 @@ class _Capture:
 
     def block_hook(self, i: int):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            # now: later ops may be in place
+            out = output.detach()
+            mean = out.mean(dim=(2, 3), keepdim=True)  # now: later ops may be in place
+            self.blocks[i] = mean.flatten(1)
             if self.with_stds:
-                self.stds[i], self.blocks[i] = torch.std_mean(output.detach(), dim=(2, 3), correction=0)
-            else:
-                self.blocks[i] = output.detach().mean(dim=(2, 3))
+                self.norms[i] = (torch.linalg.vector_norm(out - mean, dim=(2, 3)), out.shape[2] * out.shape[3])
         return hook
 
     def target_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
