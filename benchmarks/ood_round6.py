@@ -16,7 +16,7 @@ targets against its listed peers, as in round 5 (`ood_round5.misses`).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ood_round6.py --seed 0 1 2 3 --alone
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ood_round6.py --seed 0 1 2 3 4 5 6 7   # choose
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ood_round6.py --seed 8 9 10 11 --only means "means+stds"
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ood_round6.py --seed 8 9 10 11 --only "means (round 5)" "means+stds"
 
 Prints a table and writes benchmarks/results/ood_round6_seed<seeds>.json.
 """
