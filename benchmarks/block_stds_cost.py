@@ -2,8 +2,9 @@
 
 A SmallCNN (the near-OOD benchmark's model shape; its three blocks have 112 channels, so the
 probe computes them) probes 256 MNIST digits with and without them, interleaved, beside the bare
-forward pass, in the same run; torch's `std_mean` (what was tried first) is timed on the same
-block outputs for comparison. Prints a table and writes benchmarks/results/block_stds_cost.json.
+forward pass, in the same run, through the torch probe and the ONNX probe (the model exported
+to a file); torch's `std_mean` (what was tried first) is timed on the same block outputs for
+comparison. Prints a table and writes benchmarks/results/block_stds_cost.json.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/block_stds_cost.py [--threads 1] [--rounds 15]
 """
@@ -59,10 +60,27 @@ def main(argv: list[str] | None = None) -> int:
             probe.run(x)
         return run
 
+    import tempfile
+    from dataclasses import replace
+
+    import verifier.probe.onnx_backend as ob
+    from verifier.probe.onnx_files import export_onnx
+
+    onnx_probes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = mnist_spec(model, classes=6)
+        export_onnx(model, spec, Path(tmp) / "m.onnx")
+        decide = ob.wants_block_stds
+        for flag in (False, True):
+            ob.wants_block_stds = lambda channels, flag=flag: flag  # the graph is built at construction
+            onnx_probes[flag] = ob.OnnxProbe(replace(spec, path=Path(tmp) / "m.onnx", module=None),
+                                             threads=args.threads)
+        ob.wants_block_stds = decide
     forward()
     blocks = list(acts.values())
     times: dict[str, list[float]] = {"bare forward": [], "probe without stds": [], "probe with stds": [],
-                                     "stds (norm of deviations)": [], "stds (torch.std_mean)": []}
+                                     "stds (norm of deviations)": [], "stds (torch.std_mean)": [],
+                                     "ONNX probe without stds": [], "ONNX probe with stds": []}
     for _ in range(args.rounds):
         times["bare forward"].append(timed(forward))
         times["probe without stds"].append(timed(probe_with(False)))
@@ -71,12 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             torch.linalg.vector_norm(a - a.mean(dim=(2, 3), keepdim=True), dim=(2, 3)) for a in blocks]))
         times["stds (torch.std_mean)"].append(timed(lambda: [
             torch.std_mean(a, dim=(2, 3), correction=0) for a in blocks]))
+        times["ONNX probe without stds"].append(timed(lambda: onnx_probes[False].run(x)))
+        times["ONNX probe with stds"].append(timed(lambda: onnx_probes[True].run(x)))
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-    base = med["probe without stds"]
     print(f"SmallCNN, 256 digits, {args.threads} thread(s), median of {args.rounds} interleaved rounds")
-    print(f"{'':<28} {'ms':>8} {'vs probe without':>17}")
+    print(f"{'':<28} {'ms':>8} {'vs the same probe without':>26}")
     for k, v in med.items():
-        print(f"{k:<28} {v:>8.1f} {100 * v / base:>16.0f}%")
+        base = med["ONNX probe without stds" if k.startswith("ONNX") else "probe without stds"]
+        print(f"{k:<28} {v:>8.1f} {100 * v / base:>25.0f}%")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "images": len(x),
                                     "median_ms": med}, indent=2))

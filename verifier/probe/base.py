@@ -12,7 +12,7 @@ import numpy as np
 
 from reference_maps.features import JOINT_MAX_DIM
 
-__all__ = ["probe_features", "ProbeResult", "Probe", "ProbeError", "wants_block_stds", "std_from_norm"]
+__all__ = ["probe_features", "ProbeResult", "Probe", "ProbeError", "wants_block_stds"]
 
 
 class ProbeError(RuntimeError):
@@ -84,15 +84,6 @@ def wants_block_stds(channels: list[int | None]) -> bool:
     deviations fit its joint Gaussian (`JOINT_MAX_DIM` values; a block of unknown width counts
     as fitting). A ResNet-18's blocks do not fit, so it pays nothing for them."""
     return len(channels) >= 2 and 2 * sum(c or 0 for c in channels) <= JOINT_MAX_DIM
-
-
-def std_from_norm(norm: np.ndarray, count: int) -> np.ndarray:
-    """(N, C) float32 per-channel population standard deviation from the L2 norm over `count`
-    positions of each channel's deviations from its mean: norm / sqrt(count). Both backends
-    take the deviations then one fused norm (torch's `vector_norm`, ONNX's `GlobalLpPool`):
-    two passes, as exact as the mean, where torch's `std_mean` cost a SmallCNN's probe as much
-    as its forward pass and a one-pass E[x^2] - E[x]^2 loses digits to cancellation."""
-    return (np.asarray(norm, dtype=np.float64) / np.sqrt(max(int(count), 1))).astype(np.float32)
 
 
 def probe_features(probe: Probe, x: np.ndarray) -> np.ndarray:

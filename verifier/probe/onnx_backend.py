@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 import verifier.probe.onnx_graph as og
-from verifier.probe.base import ProbeError, ProbeResult, std_from_norm, wants_block_stds
+from verifier.probe.base import ProbeError, ProbeResult, wants_block_stds
 from verifier.probe.onnx_files import OPSET, export_onnx, file_key, load_model
 from verifier.probe.onnx_precision import to_double
 from verifier.spec import ModelSpec, model_fingerprint
@@ -98,10 +98,10 @@ class OnnxProbe:
         # their channel means (and, for blocks narrow enough, variances: `wants_block_stds`),
         # computed inside the graph (N, C) instead of fetched whole
         self.block_stds = wants_block_stds([(info.shape(b) or (None, None))[1] for b in self.block_layers])
-        averaged, block_means, block_norms = og.with_channel_means(model, self.block_layers, info,
-                                                                   norms=self.block_stds)
+        averaged, block_means, block_vars = og.with_channel_means(model, self.block_layers, info,
+                                                                  variances=self.block_stds)
         wanted = [self.logits_name, self.features_name or self.target_layer,
-                  self.target_layer, self.early_layer, *self._side, *block_means, *block_norms]
+                  self.target_layer, self.early_layer, *self._side, *block_means, *block_vars]
         self._fetch = list(dict.fromkeys(wanted))  # a tensor can play two roles
         self._slots = [self._fetch.index(w) for w in wanted]
         self._n_side = len(self._side)
@@ -137,11 +137,9 @@ class OnnxProbe:
         logits, feats, act, early = (np.asarray(o, dtype=np.float32) for o in outs[:4])
         side = outs[4:4 + self._n_side]
         nb = len(self.block_layers)
-        stats = outs[4 + self._n_side:]
-        blocks = tuple(np.asarray(o, dtype=np.float32) for o in stats[:nb])
-        pairs = stats[nb:]  # [norm, shape] per block, with `block_stds`
-        stds = tuple(std_from_norm(pairs[2 * b], int(np.prod(np.asarray(pairs[2 * b + 1])[2:])))
-                     for b in range(len(pairs) // 2))
+        stats = [np.asarray(o, dtype=np.float32) for o in outs[4 + self._n_side:]]
+        blocks = tuple(stats[:nb])
+        stds = tuple(np.sqrt(np.maximum(v, 0.0)) for v in stats[nb:])  # variances, with `block_stds`
         n = x.shape[0]
         if logits.ndim != 2 or logits.shape[1] < self.spec.num_classes:
             hint = (" (per-pixel class scores: a segmentation model; set [model] task = "

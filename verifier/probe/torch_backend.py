@@ -7,6 +7,7 @@ parameters are frozen, so autograd records nothing before it.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from verifier.probe.base import ProbeError, ProbeResult, std_from_norm, wants_block_stds
+from verifier.probe.base import ProbeError, ProbeResult, wants_block_stds
 from verifier.spec import ModelSpec, model_fingerprint
 
 __all__ = ["TorchProbe", "resolve_layers", "probe_state_restored", "decoder_layers"]
@@ -99,7 +100,7 @@ class TorchProbe:
                 early_stats=cap.early_stats.float().cpu().numpy(),
                 block_stats=tuple(cap.blocks[i].float().cpu().numpy()
                                   for i in range(len(self.block_layers))),
-                block_stds=tuple(std_from_norm(cap.norms[i][0].float().cpu().numpy(), cap.norms[i][1])
+                block_stds=tuple(cap.stds[i].float().cpu().numpy()
                                  for i in range(len(self.block_layers)) if self.block_stds),
             )
 
@@ -130,7 +131,7 @@ class _Capture:
 
     def __init__(self, stds: bool = False) -> None:
         self.with_stds = stds
-        self.norms: dict[int, tuple[torch.Tensor, int]] = {}  # deviations' channel L2 norm, positions
+        self.stds: dict[int, torch.Tensor] = {}
         self.target: torch.Tensor | None = None
         self.early_map: torch.Tensor | None = None
         self.early_stats: torch.Tensor | None = None
@@ -142,8 +143,9 @@ class _Capture:
             out = output.detach()
             mean = out.mean(dim=(2, 3), keepdim=True)  # now: later ops may be in place
             self.blocks[i] = mean.flatten(1)
-            if self.with_stds:
-                self.norms[i] = (torch.linalg.vector_norm(out - mean, dim=(2, 3)), out.shape[2] * out.shape[3])
+            if self.with_stds:  # two passes, as exact as the mean: the deviations' L2 norm / sqrt(h w)
+                # (torch.std_mean took as long as a SmallCNN's whole forward pass)
+                self.stds[i] = torch.linalg.vector_norm(out - mean, dim=(2, 3)) / math.sqrt(out.shape[2] * out.shape[3])
         return hook
 
     def target_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
