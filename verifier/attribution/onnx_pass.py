@@ -15,6 +15,7 @@ import numpy as np
 
 import verifier.probe.onnx_backend as ob
 import verifier.probe.onnx_graph as og
+import verifier.probe.onnx_outputs as oo
 from verifier.attribution.chunks import rows_per_chunk as _rows
 from verifier.attribution.registry import AttributionError, resolve_targets
 from verifier.probe.base import ProbeError
@@ -146,7 +147,7 @@ def _load(spec: ModelSpec, layer: str, with_tail: bool) -> _Loaded:
         tail, loaded.side = og.extract_tail(info, target)
         loaded.tail, loaded.precision = ob._tail_session(tail, providers, "auto")
     loaded.fetch = list(dict.fromkeys([info.logits_name, target, *loaded.side]))
-    loaded.session = ob._session(og.with_outputs(model, loaded.fetch, info), providers, "model")
+    loaded.session = ob._session(oo.with_outputs(model, loaded.fetch, info), providers, "model")
     _LOADED[key] = loaded
     while len(_LOADED) > _LOADED_MAX:
         _LOADED.popitem(last=False)

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 import verifier.probe.onnx_graph as og
+import verifier.probe.onnx_outputs as oo
 from verifier.probe.base import ProbeError, ProbeResult, wants_block_stds
 from verifier.probe.onnx_files import OPSET, export_onnx, file_key, load_model
 from verifier.probe.onnx_precision import to_double
@@ -98,14 +99,14 @@ class OnnxProbe:
         # their channel means (and, for blocks narrow enough, variances: `wants_block_stds`),
         # computed inside the graph (N, C) instead of fetched whole
         self.block_stds = wants_block_stds([(info.shape(b) or (None, None))[1] for b in self.block_layers])
-        averaged, block_means, block_vars = og.with_channel_means(model, self.block_layers, info,
+        averaged, block_means, block_vars = oo.with_channel_means(model, self.block_layers, info,
                                                                   variances=self.block_stds)
         wanted = [self.logits_name, self.features_name or self.target_layer,
                   self.target_layer, self.early_layer, *self._side, *block_means, *block_vars]
         self._fetch = list(dict.fromkeys(wanted))  # a tensor can play two roles
         self._slots = [self._fetch.index(w) for w in wanted]
         self._n_side = len(self._side)
-        self._session = _session(og.with_outputs(averaged, self._fetch, info), self.providers,
+        self._session = _session(oo.with_outputs(averaged, self._fetch, info), self.providers,
                                  "model", threads)
         self.target_shape = info.shape(self.target_layer)
         self.early_shape = info.shape(self.early_layer)
@@ -323,7 +324,7 @@ def _shapes_from_dummy_run(info: og.GraphInfo, spec: ModelSpec,
     """Fill unknown intermediate shapes by one zero batch with every float tensor as output."""
     names = [o for n in info.nodes for o in n.output
              if o and info.elem_types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
-    sess = _session(og.with_outputs(info.model, names, info), providers, "model")
+    sess = _session(oo.with_outputs(info.model, names, info), providers, "model")
     outs = sess.run(names, {info.input_name: np.zeros((1, spec.channels, *spec.size),
                                                       dtype=np.float32)})
     for name, val in zip(names, outs):

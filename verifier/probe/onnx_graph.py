@@ -1,9 +1,10 @@
-"""Graph surgery for the ONNX backend: layer choice, extra outputs, tail extraction.
+"""Graph surgery for the ONNX backend: layer choice and tail extraction (extra outputs:
+`verifier.probe.onnx_outputs`).
 
 Reads an `onnx.ModelProto` once (`GraphInfo`), picks the Grad-CAM and early layers,
-adds intermediate tensors as graph outputs and cuts the tail after the target layer.
+and cuts the tail after the target layer.
 """
-# length: 452 lines, one concept: every question asked of one ONNX graph index (GraphInfo);
+# length: 438 lines, one concept: every question asked of one ONNX graph index (GraphInfo);
 # the private walkers (_ancestors, _affine_step, ...) are shared by layer choice and tail cuts.
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from onnx import helper, numpy_helper
 from verifier.probe.base import ProbeError
 
 __all__ = ["GraphInfo", "analyse", "auto_target", "auto_early", "resolve_layer",
-           "features_tensor", "with_outputs", "extract_tail", "gap_linear_tail",
+           "features_tensor", "extract_tail", "gap_linear_tail",
            "spatial_candidates", "decoder_tensors"]
 
 #: elementwise activations the early layer is advanced through (as torch's Conv->BN->act block)
@@ -234,55 +235,6 @@ def features_tensor(info: GraphInfo) -> str | None:
             if data:
                 return data[0]
     return None
-
-
-def with_outputs(model: onnx.ModelProto, names: list[str],
-                 info: GraphInfo | None = None) -> onnx.ModelProto:
-    """A copy of `model` with `names` appended as graph outputs (arithmetic unchanged)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    present = {o.name for o in out.graph.output}
-    for name in names:
-        if name in present:
-            continue
-        etype = info.elem_types.get(name, onnx.TensorProto.FLOAT) if info else onnx.TensorProto.FLOAT
-        out.graph.output.append(helper.make_tensor_value_info(name, etype, None))
-        present.add(name)
-    return out
-
-
-def with_channel_means(model: onnx.ModelProto, names: list[str], info: GraphInfo | None = None,
-                       variances: bool = False) -> tuple[onnx.ModelProto, list[str], list[str]]:
-    """A copy of `model` that also outputs the per-channel spatial mean (N, C) of each (N, C, ...)
-    tensor in `names` (GlobalAveragePool then Flatten, inside the graph: fetching the whole
-    activations and averaging them outside cost a ResNet-18 a sixth of its forward pass) and,
-    with `variances`, the per-channel spatial variance (N, C): the mean of the squared deviations
-    from that mean (Sub, Mul, GlobalAveragePool, Flatten; two passes, as exact as the mean;
-    GlobalLpPool, one op, took onnxruntime 8x longer). Returns the model, the means' output names
-    and the variances' (empty without `variances`), in the order of `names`."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    taken = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input}
-    means, variances_out = [], []
-    for i, name in enumerate(names):
-        pooled, mean = f"{name}__verifier_pool{i}", f"{name}__verifier_channel_mean{i}"
-        dev, sq = f"{name}__verifier_dev{i}", f"{name}__verifier_sq{i}"
-        pooled_sq, var = f"{name}__verifier_pool_sq{i}", f"{name}__verifier_channel_var{i}"
-        if {pooled, mean, dev, sq, pooled_sq, var} & taken:
-            raise ProbeError(f"the model already has a tensor named like {mean!r}")
-        out.graph.node.append(helper.make_node("GlobalAveragePool", [name], [pooled]))
-        out.graph.node.append(helper.make_node("Flatten", [pooled], [mean], axis=1))
-        etype = info.elem_types.get(name, onnx.TensorProto.FLOAT) if info else onnx.TensorProto.FLOAT
-        out.graph.output.append(helper.make_tensor_value_info(mean, etype, None))
-        means.append(mean)
-        if variances:
-            out.graph.node.append(helper.make_node("Sub", [name, pooled], [dev]))
-            out.graph.node.append(helper.make_node("Mul", [dev, dev], [sq]))
-            out.graph.node.append(helper.make_node("GlobalAveragePool", [sq], [pooled_sq]))
-            out.graph.node.append(helper.make_node("Flatten", [pooled_sq], [var], axis=1))
-            out.graph.output.append(helper.make_tensor_value_info(var, etype, None))
-            variances_out.append(var)
-    return out, means, variances_out
 
 
 def extract_tail(info: GraphInfo, target: str) -> tuple[onnx.ModelProto, list[str]]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import verifier.probe.onnx_backend as ob
 import verifier.probe.onnx_graph as og
+import verifier.probe.onnx_outputs as oo
 from verifier.probe.base import ProbeError, ProbeResult
 from verifier.probe.seg_backend import image_scores, output_mask
 from verifier.spec import ModelSpec, SpecError, check_output_shape, model_fingerprint
@@ -69,7 +70,7 @@ class OnnxSegmentationProbe:
         sides = [s for _, _, side in self._tails for s in side]
         self._fetch = list(dict.fromkeys([self.logits_name, *self.decoder, self.early_layer,
                                           *self.block_layers, *sides]))
-        self._session = ob._session(og.with_outputs(model, self._fetch, info), providers, "model",
+        self._session = ob._session(oo.with_outputs(model, self._fetch, info), providers, "model",
                                     threads)
         self.gradient_method = "finite-difference-decoder-sum"
 
